@@ -1,0 +1,600 @@
+//! Configuration: file -> raw types -> validated [`Config`].
+//!
+//! ```text
+//!  config.json / .yaml ──serde──▶ RawConfig ──validate()──▶ Config ──▶ runtime
+//!   (unknown keys rejected)        (as written)              (typed, checked)
+//! ```
+//!
+//! The original format (`listen_address`, `backend_servers` as `"host:port"`
+//! strings, `health_check_interval`, `health_check_timeout`) keeps working
+//! unchanged; every key added since has a default. Only a validated [`Config`]
+//! reaches the runtime, and every error names the file and the field.
+
+mod raw;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use raw::{RawBackend, RawConfig};
+
+/// Default `health_check_interval`, in seconds.
+pub const DEFAULT_HEALTH_CHECK_INTERVAL: f64 = 10.0;
+/// Default `health_check_timeout`, in seconds.
+pub const DEFAULT_HEALTH_CHECK_TIMEOUT: f64 = 2.0;
+/// Default `connect_timeout`, in seconds: long enough for a loaded LAN peer,
+/// short enough that a dead backend costs a client little.
+pub const DEFAULT_CONNECT_TIMEOUT: f64 = 3.0;
+/// Default fuel (roughly, wasm instructions) one `select` call may burn.
+pub const DEFAULT_STRATEGY_FUEL: u64 = 100_000_000;
+/// Default wall-clock limit of one `select` call, in seconds.
+pub const DEFAULT_STRATEGY_TIMEOUT: f64 = 0.02;
+/// Default cap on a strategy instance's linear memory, in MiB.
+pub const DEFAULT_STRATEGY_MEMORY_MIB: u64 = 16;
+/// Largest accepted backend weight.
+pub const MAX_WEIGHT: u64 = 1_000_000;
+/// Default `unhealthy_threshold`: consecutive failures that eject a backend.
+pub const DEFAULT_UNHEALTHY_THRESHOLD: u32 = 3;
+/// Default `healthy_threshold`: consecutive successes that restore a backend.
+pub const DEFAULT_HEALTHY_THRESHOLD: u32 = 2;
+/// Default `max_retries`: further backends tried after a failed attempt.
+pub const DEFAULT_MAX_RETRIES: u32 = 2;
+
+/// The names of the strategies built into the binary.
+pub const BUILTIN_STRATEGIES: [&str; 3] =
+    ["round-robin", "least-connections", "weighted-round-robin"];
+
+/// A validated configuration: what the runtime is built from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Where the balancer accepts client connections.
+    pub listen_address: SocketAddr,
+    /// The backends, in configured order (a backend's id is its position).
+    pub backends: Vec<BackendConfig>,
+    /// Which strategy module picks backends.
+    pub strategy: StrategySource,
+    /// Limits applied to every `select` call of the strategy module.
+    pub sandbox: SandboxLimits,
+    /// Health checking and retry settings.
+    pub health: HealthConfig,
+    /// How long connecting to a backend may take before it counts as failed.
+    pub connect_timeout: Duration,
+}
+
+/// One configured backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    /// `host:port` as written in the config (the host may be a name).
+    pub address: String,
+    /// Relative share of traffic for weighted strategies; at least 1.
+    pub weight: u32,
+}
+
+/// Where the strategy module comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StrategySource {
+    /// One of [`BUILTIN_STRATEGIES`], embedded in the binary.
+    Builtin(String),
+    /// A `.wasm` component on disk (relative paths already resolved against
+    /// the config file's folder).
+    Path(PathBuf),
+}
+
+impl fmt::Display for StrategySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StrategySource::Builtin(name) => f.write_str(name),
+            StrategySource::Path(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
+/// Limits of the wasm sandbox, per `select` call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SandboxLimits {
+    /// Fuel (about one unit per wasm instruction) per call.
+    pub fuel: u64,
+    /// Wall-clock deadline per call.
+    pub timeout: Duration,
+    /// Cap on the instance's linear memory, in bytes.
+    pub memory_bytes: usize,
+}
+
+impl Default for SandboxLimits {
+    /// Defaults: 100 million fuel, 20 ms, 16 MiB.
+    fn default() -> Self {
+        SandboxLimits {
+            fuel: DEFAULT_STRATEGY_FUEL,
+            timeout: Duration::from_secs_f64(DEFAULT_STRATEGY_TIMEOUT),
+            memory_bytes: (DEFAULT_STRATEGY_MEMORY_MIB as usize) << 20,
+        }
+    }
+}
+
+/// Active and passive health checking, and retries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthConfig {
+    /// Time between two rounds of active checks.
+    pub interval: Duration,
+    /// Time one check may take.
+    pub timeout: Duration,
+    /// `GET` this path (expecting 2xx/3xx) instead of a bare TCP connect.
+    pub path: Option<String>,
+    /// Consecutive successes that bring an unhealthy backend back.
+    pub healthy_threshold: u32,
+    /// Consecutive failures that take a healthy backend out.
+    pub unhealthy_threshold: u32,
+    /// How many other backends a failed request may be retried on.
+    pub max_retries: u32,
+}
+
+impl Default for HealthConfig {
+    /// Defaults: every 10 s, 2 s timeout, TCP check, 2 up, 3 down, 2 retries.
+    fn default() -> Self {
+        HealthConfig {
+            interval: Duration::from_secs_f64(DEFAULT_HEALTH_CHECK_INTERVAL),
+            timeout: Duration::from_secs_f64(DEFAULT_HEALTH_CHECK_TIMEOUT),
+            path: None,
+            healthy_threshold: DEFAULT_HEALTHY_THRESHOLD,
+            unhealthy_threshold: DEFAULT_UNHEALTHY_THRESHOLD,
+            max_retries: DEFAULT_MAX_RETRIES,
+        }
+    }
+}
+
+/// The syntax of a config file, chosen by its extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `.json`, and any extension other than the YAML ones.
+    Json,
+    /// `.yaml` or `.yml`.
+    Yaml,
+}
+
+impl Format {
+    /// YAML for `.yaml`/`.yml` (any case), JSON otherwise.
+    pub fn from_path(path: &Path) -> Format {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some(ext) if ext.eq_ignore_ascii_case("yaml") || ext.eq_ignore_ascii_case("yml") => {
+                Format::Yaml
+            }
+            _ => Format::Json,
+        }
+    }
+}
+
+/// Why a configuration could not be loaded. Each variant's message names the
+/// file and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The file is not valid JSON/YAML, or has an unknown or mistyped key.
+    #[error("{}: {message}", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// The file parsed, but a value is not acceptable.
+    #[error("{}: {field}: {message}", path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The key, e.g. `backend_servers[1].weight`.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl Config {
+    /// Reads, parses and validates the config file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, Format::from_path(path), path)
+    }
+
+    /// Parses and validates config `text`; `path` names the file in errors and
+    /// its folder anchors a relative strategy module path.
+    pub fn parse(text: &str, format: Format, path: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = match format {
+            Format::Json => serde_json::from_str(text).map_err(|e| e.to_string()),
+            Format::Yaml => serde_norway::from_str(text).map_err(|e| e.to_string()),
+        }
+        .map_err(|message| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        raw.validate(path)
+    }
+
+    /// A config with the given listen address and backends (weight 1) and
+    /// every other setting at its default; the starting point for embedders
+    /// and tests.
+    pub fn new(listen_address: SocketAddr, backends: &[&str]) -> Config {
+        Config {
+            listen_address,
+            backends: backends
+                .iter()
+                .map(|address| BackendConfig {
+                    address: address.to_string(),
+                    weight: 1,
+                })
+                .collect(),
+            strategy: StrategySource::Builtin("round-robin".into()),
+            sandbox: SandboxLimits::default(),
+            health: HealthConfig::default(),
+            connect_timeout: Duration::from_secs_f64(DEFAULT_CONNECT_TIMEOUT),
+        }
+    }
+
+    /// A one-line summary, as `--check` prints it.
+    pub fn summary(&self) -> String {
+        format!(
+            "listen {}, {} backend{}, strategy {}",
+            self.listen_address,
+            self.backends.len(),
+            if self.backends.len() == 1 { "" } else { "s" },
+            self.strategy
+        )
+    }
+}
+
+impl RawConfig {
+    fn validate(self, path: &Path) -> Result<Config, ConfigError> {
+        let invalid = |field: &str, message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            field: field.to_string(),
+            message,
+        };
+
+        let listen_address: SocketAddr = self.listen_address.trim().parse().map_err(|_| {
+            invalid(
+                "listen_address",
+                format!(
+                    "{:?} is not an IP:port address (e.g. \"127.0.0.1:8080\")",
+                    self.listen_address
+                ),
+            )
+        })?;
+
+        if self.backend_servers.is_empty() {
+            return Err(invalid(
+                "backend_servers",
+                "the list is empty; name at least one backend as \"host:port\"".into(),
+            ));
+        }
+        let mut backends = Vec::with_capacity(self.backend_servers.len());
+        for (i, backend) in self.backend_servers.into_iter().enumerate() {
+            let (address, weight) = match backend {
+                RawBackend::Address(address) => (address, None),
+                RawBackend::Object { address, weight } => (address, weight),
+            };
+            let address = validate_address(&address)
+                .map_err(|m| invalid(&format!("backend_servers[{i}]"), m))?;
+            let weight = match weight {
+                None => 1,
+                Some(w) if w >= 1 && w <= MAX_WEIGHT as i64 => w as u32,
+                Some(w) => {
+                    return Err(invalid(
+                        &format!("backend_servers[{i}].weight"),
+                        format!("must be a whole number from 1 to {MAX_WEIGHT}, got {w}"),
+                    ))
+                }
+            };
+            if let Some(j) = backends
+                .iter()
+                .position(|b: &BackendConfig| b.address == address)
+            {
+                return Err(invalid(
+                    &format!("backend_servers[{i}]"),
+                    format!("{address:?} is listed twice (also at backend_servers[{j}])"),
+                ));
+            }
+            backends.push(BackendConfig { address, weight });
+        }
+
+        let strategy = match self.strategy {
+            None => StrategySource::Builtin("round-robin".into()),
+            Some(s) => parse_strategy(&s, path).map_err(|m| invalid("strategy", m))?,
+        };
+
+        let seconds = |field: &str, value: Option<f64>, default: f64| {
+            let v = value.unwrap_or(default);
+            if v.is_finite() && v > 0.0 && v <= 86_400.0 {
+                Ok(Duration::from_secs_f64(v))
+            } else {
+                Err(invalid(
+                    field,
+                    format!("must be a number of seconds above 0 and at most 86400, got {v}"),
+                ))
+            }
+        };
+        let at_least_one = |field: &str, value: Option<u32>, default: u32| match value {
+            Some(0) => Err(invalid(field, "must be at least 1, got 0".into())),
+            Some(v) => Ok(v),
+            None => Ok(default),
+        };
+
+        let health_check_path = match self.health_check_path {
+            Some(p) if !p.starts_with('/') || p.chars().any(|c| c.is_whitespace()) => {
+                return Err(invalid(
+                    "health_check_path",
+                    format!("{p:?} must start with '/' and contain no spaces"),
+                ))
+            }
+            other => other,
+        };
+        let health = HealthConfig {
+            interval: seconds(
+                "health_check_interval",
+                self.health_check_interval,
+                DEFAULT_HEALTH_CHECK_INTERVAL,
+            )?,
+            timeout: seconds(
+                "health_check_timeout",
+                self.health_check_timeout,
+                DEFAULT_HEALTH_CHECK_TIMEOUT,
+            )?,
+            path: health_check_path,
+            healthy_threshold: at_least_one(
+                "healthy_threshold",
+                self.healthy_threshold,
+                DEFAULT_HEALTHY_THRESHOLD,
+            )?,
+            unhealthy_threshold: at_least_one(
+                "unhealthy_threshold",
+                self.unhealthy_threshold,
+                DEFAULT_UNHEALTHY_THRESHOLD,
+            )?,
+            max_retries: self.max_retries.unwrap_or(DEFAULT_MAX_RETRIES),
+        };
+
+        let memory_mib = self
+            .strategy_memory_mib
+            .unwrap_or(DEFAULT_STRATEGY_MEMORY_MIB);
+        if !(1..=4096).contains(&memory_mib) {
+            return Err(invalid(
+                "strategy_memory_mib",
+                format!("must be from 1 to 4096, got {memory_mib}"),
+            ));
+        }
+        let fuel = self.strategy_fuel.unwrap_or(DEFAULT_STRATEGY_FUEL);
+        if fuel == 0 {
+            return Err(invalid("strategy_fuel", "must be at least 1, got 0".into()));
+        }
+        let strategy_timeout = seconds(
+            "strategy_timeout",
+            self.strategy_timeout,
+            DEFAULT_STRATEGY_TIMEOUT,
+        )?;
+        if strategy_timeout < Duration::from_millis(1) {
+            return Err(invalid(
+                "strategy_timeout",
+                format!(
+                    "must be at least 0.001 s (the sandbox clock ticks every millisecond), got {}",
+                    strategy_timeout.as_secs_f64()
+                ),
+            ));
+        }
+
+        Ok(Config {
+            listen_address,
+            backends,
+            strategy,
+            sandbox: SandboxLimits {
+                fuel,
+                timeout: strategy_timeout,
+                memory_bytes: (memory_mib as usize) << 20,
+            },
+            health,
+            connect_timeout: seconds(
+                "connect_timeout",
+                self.connect_timeout,
+                DEFAULT_CONNECT_TIMEOUT,
+            )?,
+        })
+    }
+}
+
+/// Checks a backend address: `host:port` with a non-empty host (a name, an
+/// IPv4 address or a bracketed IPv6 address) and a port from 1 to 65535.
+fn validate_address(address: &str) -> Result<String, String> {
+    let bad = |why: &str| format!("invalid address {address:?}: {why} (expected \"host:port\")");
+    let address = address.trim();
+    if address.contains("://") {
+        return Err(bad("give host:port without a scheme"));
+    }
+    let (host, port) = address
+        .rsplit_once(':')
+        .ok_or_else(|| bad("missing port"))?;
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| bad("port must be a number from 1 to 65535"))?;
+    if host.is_empty() {
+        return Err(bad("missing host"));
+    }
+    let host_ok = if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        inner.parse::<std::net::Ipv6Addr>().is_ok()
+    } else {
+        host.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_')
+    };
+    if !host_ok {
+        return Err(bad("host is not a name or IP address"));
+    }
+    // The authority is what the upstream client dials; make sure it parses.
+    address
+        .parse::<http::uri::Authority>()
+        .map_err(|_| bad("not a valid authority"))?;
+    Ok(format!("{host}:{port}"))
+}
+
+fn parse_strategy(value: &str, config_path: &Path) -> Result<StrategySource, String> {
+    let value = value.trim();
+    if BUILTIN_STRATEGIES.contains(&value) {
+        return Ok(StrategySource::Builtin(value.to_string()));
+    }
+    if value.ends_with(".wasm") {
+        let path = Path::new(value);
+        let path = if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            config_path
+                .parent()
+                .unwrap_or_else(|| Path::new(""))
+                .join(path)
+        };
+        return Ok(StrategySource::Path(path));
+    }
+    Err(format!(
+        "unknown strategy {value:?}: use one of {} or a path to a .wasm component",
+        BUILTIN_STRATEGIES.join(", ")
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_json(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Format::Json, Path::new("/etc/lb/test.json"))
+    }
+
+    #[test]
+    fn original_format_loads_with_defaults_for_new_keys() {
+        let c = parse_json(
+            r#"{ "listen_address": "127.0.0.1:8080",
+                 "backend_servers": ["127.0.0.1:8081", "127.0.0.1:8082"],
+                 "health_check_interval": 30, "health_check_timeout": 5 }"#,
+        )
+        .unwrap();
+        assert_eq!(c.listen_address, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.backends.len(), 2);
+        assert_eq!(c.backends[1].address, "127.0.0.1:8082");
+        assert_eq!(c.backends[1].weight, 1);
+        assert_eq!(c.health.interval, Duration::from_secs(30));
+        assert_eq!(c.health.timeout, Duration::from_secs(5));
+        assert_eq!(c.strategy, StrategySource::Builtin("round-robin".into()));
+    }
+
+    #[test]
+    fn object_backends_weights_and_fractional_seconds() {
+        let c = parse_json(
+            r#"{ "listen_address": "127.0.0.1:0",
+                 "backend_servers": [{"address": "localhost:81", "weight": 5}, "[::1]:82"],
+                 "health_check_interval": 0.5 }"#,
+        )
+        .unwrap();
+        assert_eq!(c.backends[0].weight, 5);
+        assert_eq!(c.backends[0].address, "localhost:81");
+        assert_eq!(c.backends[1].address, "[::1]:82");
+        assert_eq!(c.health.interval, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn yaml_has_the_same_keys() {
+        let c = Config::parse(
+            "listen_address: 127.0.0.1:9000\nbackend_servers:\n  - 127.0.0.1:1\n  - address: 127.0.0.1:2\n    weight: 3\nstrategy: weighted-round-robin\n",
+            Format::Yaml,
+            Path::new("x.yaml"),
+        )
+        .unwrap();
+        assert_eq!(c.backends[1].weight, 3);
+        assert_eq!(
+            c.strategy,
+            StrategySource::Builtin("weighted-round-robin".into())
+        );
+    }
+
+    #[test]
+    fn relative_module_path_resolves_against_config_folder() {
+        let c = parse_json(
+            r#"{"listen_address": "127.0.0.1:0", "backend_servers": ["a:1"], "strategy": "mods/mine.wasm"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.strategy,
+            StrategySource::Path(PathBuf::from("/etc/lb/mods/mine.wasm"))
+        );
+    }
+
+    fn error_of(text: &str) -> String {
+        parse_json(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        let e = error_of(
+            r#"{"listen_address": "127.0.0.1:1", "backend_servers": ["a:1"], "helth": 1}"#,
+        );
+        assert!(
+            e.contains("unknown field `helth`") && e.contains("test.json"),
+            "{e}"
+        );
+        let e = error_of(r#"{"listen_address": "127.0.0.1:1", "backend_servers": []}"#);
+        assert!(e.contains("backend_servers: the list is empty"), "{e}");
+        let e =
+            error_of(r#"{"listen_address": "127.0.0.1:1", "backend_servers": ["a:1", "nope"]}"#);
+        assert!(
+            e.contains("backend_servers[1]: invalid address \"nope\": missing port"),
+            "{e}"
+        );
+        let e = error_of(r#"{"listen_address": "127.0.0.1:1", "backend_servers": ["a:99999"]}"#);
+        assert!(e.contains("port must be a number"), "{e}");
+        let e = error_of(
+            r#"{"listen_address": "127.0.0.1:1", "backend_servers": [{"address": "a:1", "weight": 0}]}"#,
+        );
+        assert!(
+            e.contains("backend_servers[0].weight: must be a whole number"),
+            "{e}"
+        );
+        let e = error_of(
+            r#"{"listen_address": "127.0.0.1:1", "backend_servers": [{"address": "a:1", "weight": -2}]}"#,
+        );
+        assert!(e.contains("got -2"), "{e}");
+        let e = error_of(
+            r#"{"listen_address": "127.0.0.1:1", "backend_servers": [{"address": "a:1", "wieght": 2}]}"#,
+        );
+        assert!(e.contains("unknown field `wieght`"), "{e}");
+        let e = error_of(r#"{"listen_address": "nowhere", "backend_servers": ["a:1"]}"#);
+        assert!(
+            e.contains("listen_address: \"nowhere\" is not an IP:port"),
+            "{e}"
+        );
+        let e = error_of(
+            r#"{"listen_address": "127.0.0.1:1", "backend_servers": ["a:1"], "strategy": "random"}"#,
+        );
+        assert!(e.contains("strategy: unknown strategy \"random\""), "{e}");
+        let e = error_of(
+            r#"{"listen_address": "127.0.0.1:1", "backend_servers": ["a:1"], "health_check_timeout": 0}"#,
+        );
+        assert!(
+            e.contains("health_check_timeout: must be a number of seconds"),
+            "{e}"
+        );
+        let e = error_of(r#"{"listen_address": "127.0.0.1:1", "backend_servers": ["a:1", "a:1"]}"#);
+        assert!(e.contains("listed twice"), "{e}");
+        let e = error_of(r#"{"listen_address": "127.0.0.1:1", "backend_servers": ["http://a:1"]}"#);
+        assert!(e.contains("without a scheme"), "{e}");
+        let e =
+            error_of("{\n\"listen_address\": \"127.0.0.1:1\",\n\"backend_servers\": [\"a:1\",]\n}");
+        assert!(e.contains("line 3"), "{e}");
+        let e = error_of(r#"{"backend_servers": ["a:1"]}"#);
+        assert!(e.contains("missing field `listen_address`"), "{e}");
+    }
+}

@@ -1,0 +1,71 @@
+//! The config file as written: serde types that reject unknown keys.
+
+use std::fmt;
+
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+
+/// Every key a config file may have. Optional keys are `None` when absent;
+/// their defaults are applied, and all values checked, in `validate`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConfig {
+    pub listen_address: String,
+    pub backend_servers: Vec<RawBackend>,
+    pub health_check_interval: Option<f64>,
+    pub health_check_timeout: Option<f64>,
+    pub health_check_path: Option<String>,
+    pub healthy_threshold: Option<u32>,
+    pub unhealthy_threshold: Option<u32>,
+    pub max_retries: Option<u32>,
+    pub connect_timeout: Option<f64>,
+    pub strategy: Option<String>,
+    pub strategy_fuel: Option<u64>,
+    pub strategy_timeout: Option<f64>,
+    pub strategy_memory_mib: Option<u64>,
+}
+
+/// A backend: `"host:port"`, or `{"address": "host:port", "weight": 3}`.
+#[derive(Debug)]
+pub(super) enum RawBackend {
+    Address(String),
+    Object {
+        address: String,
+        weight: Option<i64>,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackendObject {
+    address: String,
+    weight: Option<i64>,
+}
+
+// Written by hand rather than `#[serde(untagged)]`, whose only error is "data
+// did not match any variant": an operator deserves to hear which key is wrong.
+impl<'de> Deserialize<'de> for RawBackend {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct BackendVisitor;
+
+        impl<'de> Visitor<'de> for BackendVisitor {
+            type Value = RawBackend;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a \"host:port\" string or an object {\"address\": \"host:port\", \"weight\": N}")
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawBackend, E> {
+                Ok(RawBackend::Address(v.to_string()))
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawBackend, A::Error> {
+                let RawBackendObject { address, weight } =
+                    RawBackendObject::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(RawBackend::Object { address, weight })
+            }
+        }
+
+        deserializer.deserialize_any(BackendVisitor)
+    }
+}

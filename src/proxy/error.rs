@@ -1,0 +1,76 @@
+//! The one place where a failed request becomes an HTTP status.
+
+use http::header::{HeaderValue, CONNECTION, CONTENT_TYPE};
+use http::{Response, StatusCode};
+
+use super::ResponseBody;
+
+/// Why the proxy answered a request itself. Each variant maps to one status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ProxyError {
+    /// No backend is healthy: 503, without calling the strategy.
+    #[error("no healthy backend")]
+    NoHealthyBackend,
+    /// The strategy answered `none`: 503.
+    #[error("the strategy refused the request")]
+    Refused,
+    /// Connecting to or talking with the backend failed: 502.
+    #[error("the backend could not be reached")]
+    Upstream,
+    /// The backend did not answer in time: 504.
+    #[error("the backend did not answer in time")]
+    Timeout,
+    /// The request could not be forwarded as given: 400.
+    #[error("malformed request")]
+    BadRequest,
+}
+
+impl ProxyError {
+    /// The status code sent to the client.
+    pub fn status(self) -> StatusCode {
+        match self {
+            ProxyError::NoHealthyBackend | ProxyError::Refused => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Upstream => StatusCode::BAD_GATEWAY,
+            ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::BadRequest => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// A short plain-text response; internal details (backend addresses,
+    /// OS errors) go to the log, not to the client.
+    pub fn into_response(self) -> Response<ResponseBody> {
+        let status = self.status();
+        let text = format!(
+            "{} {}: {self}\n",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or("Error")
+        );
+        let mut response = Response::new(ResponseBody::full(text));
+        *response.status_mut() = status;
+        response.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        if self == ProxyError::BadRequest {
+            response
+                .headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
+    }
+}
+
+/// The most specific cause in an error chain, for logs: "connection
+/// refused" rather than "client error (Connect)".
+pub fn describe(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![error.to_string()];
+    let mut source = error.source();
+    while let Some(e) = source {
+        let text = e.to_string();
+        if !parts.contains(&text) {
+            parts.push(text);
+        }
+        source = e.source();
+    }
+    parts.join(": ")
+}

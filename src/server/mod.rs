@@ -1,0 +1,292 @@
+//! The backend pool: addresses, weights and live stats (in-flight requests,
+//! smoothed latency, health), shared by the proxy, the health checker and the
+//! strategy.
+//!
+//! Everything on the request path is a lock-free atomic; the only lock guards
+//! a backend's health streak, taken once per health observation.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::balancer::BackendView;
+use crate::config::BackendConfig;
+
+/// One backend and what the balancer knows about it right now.
+#[derive(Debug)]
+pub struct Backend {
+    id: u32,
+    address: String,
+    authority: http::uri::Authority,
+    weight: u32,
+    active: AtomicU32,
+    latency_micros: AtomicU32,
+    requests_total: AtomicU64,
+    healthy: AtomicBool,
+    streak: Mutex<Streak>,
+}
+
+/// Consecutive results of the same kind, for the health thresholds.
+#[derive(Debug, Default)]
+struct Streak {
+    successes: u32,
+    failures: u32,
+}
+
+impl Backend {
+    /// A backend at position `id` of the configured list. It starts healthy,
+    /// with no requests in flight and latency unknown (0).
+    ///
+    /// The address must already be validated (see `config`); an address that
+    /// is not a valid authority is a programming error reported as `Err`.
+    pub fn new(id: u32, config: &BackendConfig) -> Result<Backend, http::uri::InvalidUri> {
+        Ok(Backend {
+            id,
+            authority: config.address.parse()?,
+            address: config.address.clone(),
+            weight: config.weight,
+            active: AtomicU32::new(0),
+            latency_micros: AtomicU32::new(0),
+            requests_total: AtomicU64::new(0),
+            healthy: AtomicBool::new(true),
+            streak: Mutex::new(Streak::default()),
+        })
+    }
+
+    /// Position in the configured list.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// `host:port` as configured.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// The address as a URI authority, for building upstream request URIs.
+    pub fn authority(&self) -> &http::uri::Authority {
+        &self.authority
+    }
+
+    /// Configured weight (at least 1).
+    pub fn weight(&self) -> u32 {
+        self.weight
+    }
+
+    /// Requests in flight to this backend through this balancer.
+    pub fn active_connections(&self) -> u32 {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Smoothed response time in microseconds; 0 until the first response.
+    pub fn latency_micros(&self) -> u32 {
+        self.latency_micros.load(Ordering::Relaxed)
+    }
+
+    /// Requests sent to this backend since start.
+    pub fn requests_total(&self) -> u64 {
+        self.requests_total.load(Ordering::Relaxed)
+    }
+
+    /// Whether the backend may receive traffic.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// How a strategy sees this backend now.
+    pub fn view(&self) -> BackendView {
+        BackendView {
+            id: self.id,
+            weight: self.weight,
+            active_connections: self.active_connections(),
+            latency_micros: self.latency_micros(),
+        }
+    }
+
+    /// Counts a request as in flight until the returned guard is dropped.
+    pub fn track(self: &Arc<Self>) -> ConnectionGuard {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        self.requests_total.fetch_add(1, Ordering::Relaxed);
+        ConnectionGuard {
+            backend: Arc::clone(self),
+        }
+    }
+
+    /// Folds one response time into the smoothed latency: an exponentially
+    /// weighted moving average with weight 1/8 for the new sample (as TCP's
+    /// SRTT), so one slow response moves it but does not dominate it.
+    pub fn record_latency(&self, elapsed: Duration) {
+        let sample = u32::try_from(elapsed.as_micros())
+            .unwrap_or(u32::MAX)
+            .max(1);
+        let _ = self
+            .latency_micros
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+                Some(if old == 0 {
+                    sample
+                } else {
+                    let old = i64::from(old);
+                    (old + (i64::from(sample) - old) / 8).clamp(1, i64::from(u32::MAX)) as u32
+                })
+            });
+    }
+
+    /// Records one health observation (an active check or a proxied request)
+    /// and flips the state after `unhealthy_threshold` consecutive failures
+    /// or `healthy_threshold` consecutive successes. Returns the new state if
+    /// it flipped, so the caller logs each change once.
+    pub fn observe_health(
+        &self,
+        success: bool,
+        healthy_threshold: u32,
+        unhealthy_threshold: u32,
+    ) -> Option<bool> {
+        let mut streak = self.streak.lock().unwrap_or_else(|e| e.into_inner());
+        let healthy = self.is_healthy();
+        if success {
+            streak.failures = 0;
+            streak.successes = streak.successes.saturating_add(1);
+            if !healthy && streak.successes >= healthy_threshold {
+                self.healthy.store(true, Ordering::Relaxed);
+                return Some(true);
+            }
+        } else {
+            streak.successes = 0;
+            streak.failures = streak.failures.saturating_add(1);
+            if healthy && streak.failures >= unhealthy_threshold {
+                self.healthy.store(false, Ordering::Relaxed);
+                return Some(false);
+            }
+        }
+        None
+    }
+}
+
+/// An in-flight request to a backend: the backend's active count stays
+/// raised until this is dropped, which the proxy does when the response body
+/// has been sent (or the client went away), not when its headers arrive.
+#[derive(Debug)]
+pub struct ConnectionGuard {
+    backend: Arc<Backend>,
+}
+
+impl ConnectionGuard {
+    /// The backend this request went to.
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.backend
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.backend.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The configured backends, in order.
+#[derive(Debug)]
+pub struct Pool {
+    backends: Vec<Arc<Backend>>,
+}
+
+impl Pool {
+    /// A pool of the given backends, ids by position.
+    pub fn new(configs: &[BackendConfig]) -> Result<Pool, http::uri::InvalidUri> {
+        let backends = configs
+            .iter()
+            .enumerate()
+            .map(|(i, c)| Backend::new(i as u32, c).map(Arc::new))
+            .collect::<Result<_, _>>()?;
+        Ok(Pool { backends })
+    }
+
+    /// All configured backends, healthy or not.
+    pub fn backends(&self) -> &[Arc<Backend>] {
+        &self.backends
+    }
+
+    /// The backend with this id.
+    pub fn get(&self, id: u32) -> Option<&Arc<Backend>> {
+        self.backends.get(id as usize)
+    }
+
+    /// Fills `out` with the healthy backends not in `exclude`, in configured
+    /// order: what a strategy may choose from. `out` is cleared first, so a
+    /// caller can reuse one buffer for every request.
+    pub fn eligible(&self, exclude: &[u32], out: &mut Vec<BackendView>) {
+        out.clear();
+        out.extend(
+            self.backends
+                .iter()
+                .filter(|b| b.is_healthy() && !exclude.contains(&b.id))
+                .map(|b| b.view()),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(n: usize) -> Pool {
+        let configs: Vec<_> = (0..n)
+            .map(|i| BackendConfig {
+                address: format!("127.0.0.1:{}", 1000 + i),
+                weight: 1,
+            })
+            .collect();
+        Pool::new(&configs).unwrap()
+    }
+
+    #[test]
+    fn guard_counts_in_flight_requests() {
+        let pool = pool(1);
+        let b = &pool.backends()[0];
+        let g1 = b.track();
+        let g2 = b.track();
+        assert_eq!(b.active_connections(), 2);
+        drop(g1);
+        assert_eq!(b.active_connections(), 1);
+        drop(g2);
+        assert_eq!(b.active_connections(), 0);
+        assert_eq!(b.requests_total(), 2);
+    }
+
+    #[test]
+    fn latency_is_smoothed() {
+        let pool = pool(1);
+        let b = &pool.backends()[0];
+        b.record_latency(Duration::from_micros(800));
+        assert_eq!(b.latency_micros(), 800);
+        b.record_latency(Duration::from_micros(1600));
+        assert_eq!(b.latency_micros(), 900);
+    }
+
+    #[test]
+    fn health_flips_after_thresholds_and_reports_once() {
+        let pool = pool(1);
+        let b = &pool.backends()[0];
+        assert_eq!(b.observe_health(false, 2, 3), None);
+        assert_eq!(b.observe_health(false, 2, 3), None);
+        assert_eq!(b.observe_health(false, 2, 3), Some(false));
+        assert_eq!(b.observe_health(false, 2, 3), None);
+        assert!(!b.is_healthy());
+        assert_eq!(b.observe_health(true, 2, 3), None);
+        assert_eq!(b.observe_health(false, 2, 3), None);
+        assert_eq!(b.observe_health(true, 2, 3), None);
+        assert_eq!(b.observe_health(true, 2, 3), Some(true));
+        assert!(b.is_healthy());
+    }
+
+    #[test]
+    fn eligible_skips_unhealthy_and_excluded() {
+        let pool = pool(4);
+        for _ in 0..3 {
+            pool.backends()[1].observe_health(false, 1, 3);
+        }
+        let mut out = Vec::new();
+        pool.eligible(&[3], &mut out);
+        let ids: Vec<u32> = out.iter().map(|v| v.id).collect();
+        assert_eq!(ids, vec![0, 2]);
+    }
+}

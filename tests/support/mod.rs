@@ -1,0 +1,321 @@
+//! Test support over real loopback sockets: [`TestBackend`] is a small HTTP
+//! server that counts what it receives; [`start_proxy`] runs the balancer on
+//! an ephemeral port; [`Http`] is a keep-alive client.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::channel::Channel;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rust_load_balancer::{Config, Proxy};
+use tokio::net::TcpListener;
+use tokio::task::{JoinHandle, JoinSet};
+
+/// A path inside the repo's committed plugin outputs.
+pub fn dist(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("plugins/dist")
+        .join(name)
+}
+
+/// What a test backend counts and how it behaves; shared with its tasks.
+#[derive(Debug, Default)]
+pub struct BackendState {
+    /// Requests received.
+    pub hits: AtomicUsize,
+    /// TCP connections accepted.
+    pub accepts: AtomicUsize,
+    /// Milliseconds to wait before answering any request.
+    pub delay_ms: AtomicU64,
+    /// Status of `GET /health` (200 unless set).
+    pub health_status: AtomicU16,
+    /// Headers of the last request, as `name: value` lines.
+    pub last_headers: Mutex<Vec<(String, String)>>,
+    /// Bodies of requests to `/record`, in arrival order.
+    pub recorded: Mutex<Vec<Bytes>>,
+    /// `/stream` sends its second and third chunk only after a notification.
+    pub gate: Arc<tokio::sync::Notify>,
+}
+
+/// A real HTTP/1.1 server on 127.0.0.1. Routes:
+/// - any path: `200` with the backend's name as body;
+/// - `/echo`: the request body back;
+/// - `/stream`: `part1 `, then `part2 ` and `part3 ` each after a `gate`
+///   notification, so a test can prove chunks are forwarded as they come;
+/// - `/health`: the status in `health_status`;
+/// - `/record`: stores the body, then answers `200`.
+pub struct TestBackend {
+    /// The name it answers with.
+    pub name: String,
+    addr: SocketAddr,
+    /// Counters and behaviour.
+    pub state: Arc<BackendState>,
+    task: JoinHandle<()>,
+}
+
+impl TestBackend {
+    /// Starts a backend on an ephemeral port.
+    pub async fn start(name: &str) -> TestBackend {
+        TestBackend::start_on("127.0.0.1:0".parse().unwrap(), name, Arc::default()).await
+    }
+
+    /// Starts a backend on `addr`, sharing `state` (to restart one in place).
+    pub async fn start_on(addr: SocketAddr, name: &str, state: Arc<BackendState>) -> TestBackend {
+        let listener = bind_retrying(addr).await;
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(accept_loop(listener, name.to_string(), Arc::clone(&state)));
+        TestBackend {
+            name: name.to_string(),
+            addr,
+            state,
+            task,
+        }
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `host:port` for a config.
+    pub fn address(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// Requests received so far.
+    pub fn hits(&self) -> usize {
+        self.state.hits.load(Ordering::SeqCst)
+    }
+
+    /// Connections accepted so far.
+    pub fn accepts(&self) -> usize {
+        self.state.accepts.load(Ordering::SeqCst)
+    }
+
+    /// Stops listening and drops every open connection.
+    pub async fn stop(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+}
+
+/// Rebinding a port just released can briefly fail; try for a while.
+async fn bind_retrying(addr: SocketAddr) -> TcpListener {
+    for _ in 0..100 {
+        match TcpListener::bind(addr).await {
+            Ok(l) => return l,
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    panic!("cannot bind {addr}");
+}
+
+async fn accept_loop(listener: TcpListener, name: String, state: Arc<BackendState>) {
+    // Connections live in this set, so aborting the loop drops them all.
+    let mut connections = JoinSet::new();
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        state.accepts.fetch_add(1, Ordering::SeqCst);
+        let state = Arc::clone(&state);
+        let name = name.clone();
+        connections.spawn(async move {
+            let service = service_fn(move |request| {
+                let state = Arc::clone(&state);
+                let name = name.clone();
+                async move { Ok::<_, Infallible>(respond(request, &name, &state).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+        while connections.try_join_next().is_some() {}
+    }
+}
+
+type TestBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+async fn respond(
+    request: Request<Incoming>,
+    name: &str,
+    state: &BackendState,
+) -> Response<TestBody> {
+    state.hits.fetch_add(1, Ordering::SeqCst);
+    *state.last_headers.lock().unwrap() = request
+        .headers()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let delay = state.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    let full = |status: StatusCode, body: Bytes| {
+        let mut r = Response::new(Full::new(body).boxed());
+        *r.status_mut() = status;
+        r
+    };
+    match request.uri().path() {
+        "/echo" => {
+            let body = request
+                .into_body()
+                .collect()
+                .await
+                .map(|c| c.to_bytes())
+                .unwrap_or_default();
+            full(StatusCode::OK, body)
+        }
+        "/record" => {
+            let body = request
+                .into_body()
+                .collect()
+                .await
+                .map(|c| c.to_bytes())
+                .unwrap_or_default();
+            state.recorded.lock().unwrap().push(body);
+            full(StatusCode::OK, Bytes::from(name.to_string()))
+        }
+        "/stream" => {
+            let (mut tx, body) = Channel::<Bytes, Infallible>::new(1);
+            let gate = Arc::clone(&state.gate);
+            tokio::spawn(async move {
+                for i in 1..=3 {
+                    if i > 1 {
+                        gate.notified().await;
+                    }
+                    if tx
+                        .send_data(Bytes::from(format!("part{i} ")))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+            Response::new(body.boxed())
+        }
+        "/health" => {
+            let status = match state.health_status.load(Ordering::SeqCst) {
+                0 => 200,
+                s => s,
+            };
+            full(
+                StatusCode::from_u16(status).unwrap(),
+                Bytes::from_static(b"health"),
+            )
+        }
+        _ => full(StatusCode::OK, Bytes::from(name.to_string())),
+    }
+}
+
+/// Starts the balancer on an ephemeral port with `config`.
+pub async fn start_proxy(mut config: Config) -> Proxy {
+    config.listen_address = "127.0.0.1:0".parse().unwrap();
+    Proxy::start(config).await.expect("balancer starts")
+}
+
+/// A config over `backends` with defaults elsewhere.
+pub fn config_for(backends: &[&TestBackend]) -> Config {
+    let addresses: Vec<String> = backends.iter().map(|b| b.address()).collect();
+    let refs: Vec<&str> = addresses.iter().map(String::as_str).collect();
+    Config::new("127.0.0.1:0".parse().unwrap(), &refs)
+}
+
+/// A keep-alive HTTP client for talking to the balancer.
+#[derive(Clone)]
+pub struct Http {
+    client: Client<HttpConnector, Full<Bytes>>,
+    base: String,
+}
+
+/// A response, fully read.
+#[derive(Debug)]
+pub struct Answer {
+    /// Status code.
+    pub status: StatusCode,
+    /// Headers.
+    pub headers: http::HeaderMap,
+    /// Body.
+    pub body: Bytes,
+}
+
+impl Answer {
+    /// The body as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+impl Http {
+    /// A client for `http://addr`.
+    pub fn new(addr: SocketAddr) -> Http {
+        Http {
+            client: Client::builder(TokioExecutor::new()).build_http(),
+            base: format!("http://{addr}"),
+        }
+    }
+
+    /// `GET path`.
+    pub async fn get(&self, path: &str) -> Answer {
+        self.send(
+            Request::get(format!("{}{path}", self.base))
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await
+    }
+
+    /// `POST path` with `body`.
+    pub async fn post(&self, path: &str, body: impl Into<Bytes>) -> Answer {
+        self.send(
+            Request::post(format!("{}{path}", self.base))
+                .body(Full::new(body.into()))
+                .unwrap(),
+        )
+        .await
+    }
+
+    /// Sends a request, reads the whole response; panics on a transport error
+    /// (the balancer must always answer).
+    pub async fn send(&self, request: Request<Full<Bytes>>) -> Answer {
+        let response = tokio::time::timeout(Duration::from_secs(20), self.client.request(request))
+            .await
+            .expect("the balancer answers within 20 s")
+            .expect("the balancer answers");
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.expect("a whole body").to_bytes();
+        Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
+    }
+
+    /// The underlying client.
+    pub fn raw(&self) -> &Client<HttpConnector, Full<Bytes>> {
+        &self.client
+    }
+
+    /// `http://addr`.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+}
