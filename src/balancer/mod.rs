@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use crate::config::{SandboxLimits, StrategySource};
 
 pub use builtin::builtin_module;
-pub use native::RoundRobin;
+pub use native::{LeastConnections, RoundRobin, WeightedRoundRobin};
 pub use wasm::{LoadError, WasmStrategy, SELECTOR_EXPORT};
 
 /// Loads the strategy a config names: a built-in by name, or a component

@@ -11,7 +11,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use wasmtime::component::{Component, Linker};
-use wasmtime::{Config as EngineConfig, Engine, ResourceLimiter, Store, Trap};
+use wasmtime::{Config as EngineConfig, Engine, ResourceLimiter, Store, Trap, UpdateDeadline};
 
 use super::{BackendView, Strategy, StrategyError};
 use crate::config::SandboxLimits;
@@ -103,9 +103,29 @@ pub enum LoadError {
     },
 }
 
-/// What a store carries: the memory cap and whether a call hit it.
+/// What a store carries: the memory cap and whether a call hit it, and the
+/// deadline's CPU-time bookkeeping.
 struct Guest {
     limiter: MemoryCap,
+    /// The thread's CPU time when the current call's deadline first
+    /// expired; `None` until it does.
+    expired_at_cpu: Option<Duration>,
+    /// How many times the current call's deadline was extended.
+    extensions: u32,
+}
+
+/// Most times one call's deadline is extended for a thread that was not
+/// running: a bound on how long a call can hold the strategy on a machine
+/// so overloaded that the calling thread barely runs.
+const MAX_EXTENSIONS: u32 = 100;
+
+/// CPU time the calling thread has used.
+fn thread_cpu_time() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    Duration::new(
+        t.tv_sec.max(0) as u64,
+        t.tv_nsec.clamp(0, 999_999_999) as u32,
+    )
 }
 
 struct MemoryCap {
@@ -235,9 +255,31 @@ impl WasmStrategy {
                     max_bytes: self.limits.memory_bytes,
                     exceeded: false,
                 },
+                expired_at_cpu: None,
+                extensions: 0,
             },
         );
         store.limiter(|guest| &mut guest.limiter);
+        // The deadline is wall-clock, but a call on a busy machine can be
+        // preempted past it without being at fault. So when it first expires
+        // the call goes on, and the thread's CPU time from then on decides:
+        // once the call has used a quarter of a window more, it is stopped.
+        // A looping module is cut off after about two windows (a few more on
+        // a machine so busy its thread gets little CPU); a fast call that was
+        // merely preempted finishes as soon as it runs again.
+        let window = self.limits.timeout;
+        let ticks = deadline_ticks(window);
+        store.epoch_deadline_callback(move |mut ctx| {
+            let now = thread_cpu_time();
+            let guest = ctx.data_mut();
+            guest.extensions += 1;
+            let first_expiry = *guest.expired_at_cpu.get_or_insert(now);
+            if now.saturating_sub(first_expiry) >= window / 4 || guest.extensions > MAX_EXTENSIONS {
+                Ok(UpdateDeadline::Interrupt)
+            } else {
+                Ok(UpdateDeadline::Continue(ticks))
+            }
+        });
         // Instantiation runs guest code (start functions): bound it too.
         self.arm(&mut store);
         let bindings = self
@@ -252,14 +294,15 @@ impl WasmStrategy {
     }
 
     /// Sets the per-call budget: fresh fuel, a deadline `limits.timeout` from
-    /// now, and the memory flag cleared.
+    /// now, and the per-call flags cleared.
     fn arm(&self, store: &mut Store<Guest>) {
         // Fuel is on for every store of this engine, so this cannot fail.
         let _ = store.set_fuel(self.limits.fuel);
-        let ticks = self.limits.timeout.as_millis().max(1) as u64;
-        store.set_epoch_deadline(ticks);
-        store.epoch_deadline_trap();
-        store.data_mut().limiter.exceeded = false;
+        store.set_epoch_deadline(deadline_ticks(self.limits.timeout));
+        let guest = store.data_mut();
+        guest.limiter.exceeded = false;
+        guest.expired_at_cpu = None;
+        guest.extensions = 0;
     }
 
     fn call(
@@ -280,6 +323,11 @@ impl WasmStrategy {
             .call_select(&mut live.store, &live.args)
             .map_err(|e| classify(e, &live.store))
     }
+}
+
+/// A duration in sandbox clock ticks, at least one.
+fn deadline_ticks(timeout: Duration) -> u64 {
+    (timeout.as_nanos() / EPOCH_TICK.as_nanos()).max(1) as u64
 }
 
 /// Sorts a wasmtime error into a fault kind by its typed trap code, never by

@@ -1,0 +1,187 @@
+//! The command line, through the real binary: `--check` on good and bad
+//! configs, `--version`, and the shipped `config.json`.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_rust_load_balancer");
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("the binary runs")
+}
+
+/// Writes `text` to `name` in a fresh folder and runs `--check` on it.
+fn check(name: &str, text: &str) -> (Output, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(name);
+    std::fs::write(&path, text).unwrap();
+    (run(&["--check", "--config", path.to_str().unwrap()]), dir)
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn assert_fails_naming(output: &Output, needles: &[&str]) {
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(output));
+    let err = stderr(output);
+    for needle in needles {
+        assert!(err.contains(needle), "stderr lacks {needle:?}: {err}");
+    }
+    assert!(
+        !err.contains("panicked"),
+        "a bad config must not panic: {err}"
+    );
+    assert!(!err.contains("RUST_BACKTRACE"), "{err}");
+}
+
+#[test]
+fn the_shipped_config_json_is_valid() {
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.json");
+    let config = rust_load_balancer::Config::load(&shipped).expect("config.json loads");
+    assert_eq!(config.listen_address, "127.0.0.1:8080".parse().unwrap());
+    let output = run(&["--check", "--config", shipped.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("ok: listen 127.0.0.1:8080, 2 backends, strategy round-robin"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn original_yaml_and_object_backend_configs_pass_check() {
+    let (out, _d) = check(
+        "original.json",
+        r#"{ "listen_address": "127.0.0.1:8080",
+             "backend_servers": ["127.0.0.1:8081", "127.0.0.1:8082"],
+             "health_check_interval": 30, "health_check_timeout": 5 }"#,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let (out, _d) = check(
+        "lb.yaml",
+        "listen_address: 127.0.0.1:8080\nbackend_servers:\n  - 127.0.0.1:8081\n  - address: 127.0.0.1:8082\n    weight: 3\nstrategy: weighted-round-robin\n",
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("strategy weighted-round-robin"));
+
+    let (out, _d) = check(
+        "objects.json",
+        r#"{ "listen_address": "127.0.0.1:8080",
+             "backend_servers": [{"address": "127.0.0.1:8081", "weight": 5}, {"address": "localhost:8082"}] }"#,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn bad_configs_fail_with_a_message_naming_the_problem() {
+    let (out, _d) = check(
+        "typo.json",
+        r#"{ "listen_address": "127.0.0.1:8080", "backend_servers": ["127.0.0.1:8081"],
+             "health_check_intervall": 30 }"#,
+    );
+    assert_fails_naming(
+        &out,
+        &[
+            "typo.json",
+            "unknown field `health_check_intervall`",
+            "line 2",
+        ],
+    );
+
+    let (out, _d) = check(
+        "empty.json",
+        r#"{ "listen_address": "127.0.0.1:8080", "backend_servers": [] }"#,
+    );
+    assert_fails_naming(&out, &["empty.json", "backend_servers", "empty"]);
+
+    let (out, _d) = check(
+        "address.json",
+        r#"{ "listen_address": "127.0.0.1:8080", "backend_servers": ["127.0.0.1:8081", "127.0.0.1"] }"#,
+    );
+    assert_fails_naming(
+        &out,
+        &[
+            "address.json",
+            "backend_servers[1]",
+            "\"127.0.0.1\"",
+            "missing port",
+        ],
+    );
+
+    let (out, _d) = check(
+        "bad.yaml",
+        "listen_address: 127.0.0.1:8080\nbackend_servers:\n  - address: 127.0.0.1:1\n    weight: 0\n",
+    );
+    assert_fails_naming(&out, &["bad.yaml", "backend_servers[0].weight"]);
+
+    let (out, _d) = check("syntax.yml", "listen_address: [unclosed\n");
+    assert_fails_naming(&out, &["syntax.yml", "line"]);
+
+    let missing = PathBuf::from("/nonexistent/lb/config.json");
+    let out = run(&["--check", "--config", missing.to_str().unwrap()]);
+    assert_fails_naming(
+        &out,
+        &[
+            "cannot read config file /nonexistent/lb/config.json",
+            "No such file",
+        ],
+    );
+}
+
+#[test]
+fn strategy_modules_are_checked_too() {
+    let (out, _d) = check(
+        "nomodule.json",
+        r#"{ "listen_address": "127.0.0.1:8080", "backend_servers": ["127.0.0.1:8081"],
+             "strategy": "missing.wasm" }"#,
+    );
+    assert_fails_naming(&out, &["missing.wasm", "cannot read"]);
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("junk.wasm"), b"not wasm at all").unwrap();
+    // A core module (no component layer): the magic and version 1.
+    std::fs::write(dir.path().join("core.wasm"), b"\0asm\x01\0\0\0").unwrap();
+    for (module, needle) in [
+        ("junk.wasm", "not a valid WebAssembly component"),
+        ("core.wasm", "core WebAssembly module, not a component"),
+    ] {
+        let path = dir.path().join(format!("{module}.json"));
+        std::fs::write(
+            &path,
+            format!(
+                r#"{{ "listen_address": "127.0.0.1:8080", "backend_servers": ["127.0.0.1:8081"], "strategy": "{module}" }}"#
+            ),
+        )
+        .unwrap();
+        let out = run(&["--check", "--config", path.to_str().unwrap()]);
+        assert_fails_naming(&out, &[module, needle]);
+    }
+
+    let good = support::dist("pick-last.wasm");
+    let (out, _d) = check(
+        "custom.json",
+        &format!(
+            r#"{{ "listen_address": "127.0.0.1:8080", "backend_servers": ["127.0.0.1:8081"], "strategy": "{}" }}"#,
+            good.display()
+        ),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn version_and_help() {
+    let out = run(&["--version"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+    let out = run(&["--help"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--check"));
+}

@@ -1,0 +1,228 @@
+//! Strategies through the whole proxy: weighted and least-connections
+//! distributions, a custom module from a path, and the sandbox holding
+//! against every kind of misbehaving module.
+
+mod support;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use http::StatusCode;
+use rust_load_balancer::balancer::FaultKind;
+use rust_load_balancer::config::StrategySource;
+use rust_load_balancer::Config;
+use support::{config_for, dist, start_proxy, Http, TestBackend};
+
+async fn backends(n: usize) -> Vec<TestBackend> {
+    let mut all = Vec::new();
+    for i in 0..n {
+        all.push(TestBackend::start(&format!("b{i}")).await);
+    }
+    all
+}
+
+fn with_strategy(backends: &[TestBackend], strategy: StrategySource) -> Config {
+    let mut config = config_for(&backends.iter().collect::<Vec<_>>());
+    config.strategy = strategy;
+    config
+}
+
+fn builtin(name: &str) -> StrategySource {
+    StrategySource::Builtin(name.into())
+}
+
+#[tokio::test]
+async fn weights_5_1_1_give_exactly_500_100_100() {
+    let backends = backends(3).await;
+    let mut config = with_strategy(&backends, builtin("weighted-round-robin"));
+    for (b, w) in config.backends.iter_mut().zip([5, 1, 1]) {
+        b.weight = w;
+    }
+    let proxy = start_proxy(config).await;
+    let http = Http::new(proxy.local_addr());
+    for _ in 0..700 {
+        assert_eq!(http.get("/").await.status, StatusCode::OK);
+    }
+    let hits: Vec<usize> = backends.iter().map(|b| b.hits()).collect();
+    assert_eq!(hits, [500, 100, 100]);
+}
+
+/// Sends `workers` x `each` requests, `workers` at a time.
+async fn concurrent_load(http: &Http, workers: usize, each: usize) {
+    let mut tasks = Vec::new();
+    for _ in 0..workers {
+        let http = http.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..each {
+                assert_eq!(http.get("/").await.status, StatusCode::OK);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn least_connections_sends_less_to_a_slow_backend() {
+    let mut shares = Vec::new();
+    for strategy in ["round-robin", "least-connections"] {
+        let backends = backends(3).await;
+        backends[0].state.delay_ms.store(150, Ordering::SeqCst);
+        let proxy = start_proxy(with_strategy(&backends, builtin(strategy))).await;
+        concurrent_load(&Http::new(proxy.local_addr()), 6, 20).await;
+        let hits: Vec<usize> = backends.iter().map(|b| b.hits()).collect();
+        assert_eq!(hits.iter().sum::<usize>(), 120);
+        shares.push((strategy, hits[0]));
+    }
+    let (_, rr_slow) = shares[0];
+    let (_, lc_slow) = shares[1];
+    // Round robin gives the slow backend its third regardless of its speed.
+    assert_eq!(rr_slow, 40, "{shares:?}");
+    assert!(
+        lc_slow * 2 < rr_slow,
+        "least connections should clearly spare the slow backend: {shares:?}"
+    );
+}
+
+#[tokio::test]
+async fn least_connections_spreads_evenly_over_equal_backends() {
+    let backends = backends(3).await;
+    let proxy = start_proxy(with_strategy(&backends, builtin("least-connections"))).await;
+    let http = Http::new(proxy.local_addr());
+    // Sequential: every backend idle at each pick, so ties rotate exactly.
+    for _ in 0..300 {
+        assert_eq!(http.get("/").await.status, StatusCode::OK);
+    }
+    let hits: Vec<usize> = backends.iter().map(|b| b.hits()).collect();
+    assert_eq!(hits, [100, 100, 100]);
+    // Concurrent: equal backends still share the load evenly.
+    concurrent_load(&http, 6, 50).await;
+    for b in &backends {
+        let share = b.hits() - 100;
+        assert!(
+            (70..=130).contains(&share),
+            "uneven: {:?}",
+            backends.iter().map(|b| b.hits()).collect::<Vec<_>>()
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_custom_module_from_a_path_is_used() {
+    let backends = backends(3).await;
+    let proxy = start_proxy(with_strategy(
+        &backends,
+        StrategySource::Path(dist("pick-last.wasm")),
+    ))
+    .await;
+    let http = Http::new(proxy.local_addr());
+    for _ in 0..20 {
+        assert_eq!(http.get("/").await.text(), "b2");
+    }
+    assert_eq!(backends[2].hits(), 20);
+}
+
+/// Runs `requests` sequential requests through a balancer whose strategy is
+/// `module` and checks each is answered 200 by a healthy backend, promptly.
+async fn survives(
+    module: &str,
+    configure: impl FnOnce(&mut Config),
+    requests: usize,
+) -> rust_load_balancer::Proxy {
+    let backends = backends(2).await;
+    let mut config = with_strategy(&backends, StrategySource::Path(dist(module)));
+    configure(&mut config);
+    let proxy = start_proxy(config).await;
+    let http = Http::new(proxy.local_addr());
+    for i in 0..requests {
+        let started = Instant::now();
+        let answer = http.get("/").await;
+        assert_eq!(answer.status, StatusCode::OK, "{module}: request {i}");
+        assert!(answer.text() == "b0" || answer.text() == "b1");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{module}: request {i} took {:?}",
+            started.elapsed()
+        );
+    }
+    let served: usize = backends.iter().map(|b| b.hits()).sum();
+    assert_eq!(
+        served, requests,
+        "{module}: every request reached a backend"
+    );
+    // Round robin fallback keeps the spread even.
+    assert!(
+        backends.iter().all(|b| b.hits() >= requests / 2 - 1),
+        "{module}"
+    );
+    proxy
+}
+
+#[tokio::test]
+async fn an_endless_loop_is_cut_off_by_the_deadline() {
+    let proxy = survives("misbehave-loop.wasm", |c| c.sandbox.fuel = u64::MAX / 2, 20).await;
+    let b = proxy.state().balancer();
+    assert!(b.faults(FaultKind::Timeout) >= 1, "{b:?}");
+    assert_eq!(b.faults(FaultKind::OutOfFuel), 0);
+}
+
+#[tokio::test]
+async fn an_endless_loop_is_cut_off_by_fuel() {
+    let proxy = survives(
+        "misbehave-loop.wasm",
+        |c| {
+            c.sandbox.fuel = 1_000_000;
+            c.sandbox.timeout = Duration::from_secs(10);
+        },
+        20,
+    )
+    .await;
+    assert!(proxy.state().balancer().faults(FaultKind::OutOfFuel) >= 1);
+}
+
+#[tokio::test]
+async fn a_trapping_module_is_contained() {
+    let proxy = survives("misbehave-trap.wasm", |_| {}, 20).await;
+    assert!(proxy.state().balancer().faults(FaultKind::Trap) >= 1);
+}
+
+#[tokio::test]
+async fn an_out_of_range_answer_is_contained() {
+    let proxy = survives("misbehave-bad-index.wasm", |_| {}, 20).await;
+    assert!(proxy.state().balancer().faults(FaultKind::BadIndex) >= 1);
+}
+
+#[tokio::test]
+async fn unbounded_memory_growth_hits_the_cap() {
+    let proxy = survives("misbehave-memory.wasm", |_| {}, 20).await;
+    assert!(proxy.state().balancer().faults(FaultKind::Memory) >= 1);
+}
+
+#[tokio::test]
+async fn a_faulted_instance_is_rebuilt_for_the_next_call() {
+    // Round robin that traps on every third call of an instance. Rebuilt
+    // after each trap, it answers twice more, then traps again: exactly one
+    // fault per three requests, and never a quarantine.
+    let proxy = survives("misbehave-flaky.wasm", |_| {}, 30).await;
+    assert_eq!(proxy.state().balancer().faults(FaultKind::Trap), 10);
+}
+
+#[tokio::test]
+async fn a_component_without_the_selector_export_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("empty.wasm");
+    // The smallest valid component: a preamble and nothing else.
+    std::fs::write(&path, b"\0asm\x0d\x00\x01\x00").unwrap();
+    let mut config = Config::new("127.0.0.1:0".parse().unwrap(), &["127.0.0.1:9"]);
+    config.strategy = StrategySource::Path(path.clone());
+    let error = rust_load_balancer::Proxy::start(config)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains(&path.display().to_string()), "{error}");
+    assert!(
+        error.contains("does not export `loadbalancer:strategy/selector@0.1.0`"),
+        "{error}"
+    );
+}
