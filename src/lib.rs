@@ -26,6 +26,7 @@ pub mod config;
 pub mod health;
 pub mod proxy;
 pub mod server;
+pub mod throttle;
 
 pub use config::Config;
 pub use proxy::{Proxy, StartError};

@@ -112,8 +112,7 @@ async fn refused_address() -> String {
 #[tokio::test]
 async fn refused_connection_gives_502_promptly_and_service_continues() {
     let dead = refused_address().await;
-    let mut config = rust_load_balancer::Config::new("127.0.0.1:0".parse().unwrap(), &[&dead]);
-    config.health.max_retries = 0;
+    let config = rust_load_balancer::Config::new("127.0.0.1:0".parse().unwrap(), &[&dead]);
     let proxy = start_proxy(config).await;
     let http = Http::new(proxy.local_addr());
 

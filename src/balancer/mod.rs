@@ -17,10 +17,11 @@ mod native;
 mod wasm;
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::{SandboxLimits, StrategySource};
+use crate::throttle::LogThrottle;
 
 pub use builtin::builtin_module;
 pub use native::{LeastConnections, RoundRobin, WeightedRoundRobin};
@@ -176,16 +177,10 @@ pub struct Balancer {
     fallback: RoundRobin,
     faults: [AtomicU64; FaultKind::ALL.len()],
     consecutive_faults: AtomicU32,
-    state: Mutex<FaultState>,
+    log: LogThrottle,
     started: Instant,
     /// Nanoseconds since `started` before which the module is skipped.
     quarantined_until: AtomicU64,
-}
-
-#[derive(Default)]
-struct FaultState {
-    last_log: Option<Instant>,
-    suppressed: u64,
 }
 
 impl Balancer {
@@ -196,7 +191,7 @@ impl Balancer {
             fallback: RoundRobin::default(),
             faults: Default::default(),
             consecutive_faults: AtomicU32::new(0),
-            state: Mutex::new(FaultState::default()),
+            log: LogThrottle::new(FAULT_LOG_INTERVAL),
             started: Instant::now(),
             quarantined_until: AtomicU64::new(0),
         }
@@ -258,18 +253,9 @@ impl Balancer {
             quarantine = Some(pause);
         }
 
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        if state
-            .last_log
-            .is_some_and(|t| now.duration_since(t) < FAULT_LOG_INTERVAL)
-        {
-            state.suppressed += 1;
+        let Some(suppressed) = self.log.allow() else {
             return;
-        }
-        let suppressed = std::mem::take(&mut state.suppressed);
-        state.last_log = Some(now);
-        drop(state);
+        };
         match quarantine {
             Some(pause) => tracing::warn!(
                 module = self.strategy.name(),

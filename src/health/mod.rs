@@ -1,7 +1,7 @@
 //! Active health checks: every `health_check_interval`, each backend is
 //! checked (a TCP connect, or an HTTP `GET health_check_path` that must answer
-//! 2xx/3xx) within `health_check_timeout`. Checks of different backends run
-//! concurrently, so one slow backend delays no other. Passive checks (failed
+//! 2xx/3xx) within `health_check_timeout`. Each backend is checked by its
+//! own loop, so one slow backend delays no other. Passive checks (failed
 //! proxied requests) feed the same thresholds from `proxy`.
 
 use std::sync::Arc;
@@ -21,47 +21,47 @@ use crate::server::Backend;
 
 type CheckClient = Client<HttpConnector, Empty<Bytes>>;
 
-/// Runs checks for as long as the task lives; the first round at once.
+/// Runs checks for as long as the task lives. Each backend has its own
+/// loop, its first check at once: a backend that is slow to answer delays
+/// only its own next check, never another backend's.
 pub async fn run(state: Arc<State>) {
-    let health = state.config().health.clone();
     let client = check_client();
+    let mut checkers = JoinSet::new();
+    for backend in state.pool().backends() {
+        checkers.spawn(check_loop(
+            Arc::clone(&state),
+            Arc::clone(backend),
+            client.clone(),
+        ));
+    }
+    // Dropping the set (when this task is aborted) aborts every loop.
+    while checkers.join_next().await.is_some() {}
+}
+
+async fn check_loop(state: Arc<State>, backend: Arc<Backend>, client: CheckClient) {
+    let health = &state.config().health;
     let mut ticker = tokio::time::interval(health.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        let mut round = JoinSet::new();
-        for backend in state.pool().backends() {
-            let backend = Arc::clone(backend);
-            let client = client.clone();
-            let path = health.path.clone();
-            let timeout = health.timeout;
-            round.spawn(async move {
-                let result = check(&client, &backend, path.as_deref(), timeout).await;
-                (backend, result)
-            });
-        }
-        while let Some(joined) = round.join_next().await {
-            let Ok((backend, result)) = joined else {
-                continue;
-            };
-            let flipped = backend.observe_health(
-                result.is_ok(),
-                health.healthy_threshold,
-                health.unhealthy_threshold,
-            );
-            match (flipped, result) {
-                (Some(false), Err(reason)) => tracing::warn!(
-                    backend = backend.address(),
-                    "backend {} is unhealthy: {reason}",
-                    backend.address()
-                ),
-                (Some(true), _) => tracing::info!(
-                    backend = backend.address(),
-                    "backend {} is healthy again",
-                    backend.address()
-                ),
-                _ => {}
-            }
+        let result = check(&client, &backend, health.path.as_deref(), health.timeout).await;
+        let flipped = backend.observe_health(
+            result.is_ok(),
+            health.healthy_threshold,
+            health.unhealthy_threshold,
+        );
+        match (flipped, result) {
+            (Some(false), Err(reason)) => tracing::warn!(
+                backend = backend.address(),
+                "backend {} is unhealthy: {reason}",
+                backend.address()
+            ),
+            (Some(true), _) => tracing::info!(
+                backend = backend.address(),
+                "backend {} is healthy again",
+                backend.address()
+            ),
+            _ => {}
         }
     }
 }

@@ -39,6 +39,7 @@ use crate::balancer::{self, BackendView, Balancer, Decision, LoadError};
 use crate::config::Config;
 use crate::health;
 use crate::server::{Backend, Pool};
+use crate::throttle::LogThrottle;
 
 /// How long an idle pooled connection to a backend is kept.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -55,6 +56,9 @@ pub struct State {
     pool: Pool,
     balancer: Balancer,
     client: UpstreamClient,
+    /// Throttles the "no healthy backend" warning, which would otherwise
+    /// come once per request during an outage.
+    outage_log: LogThrottle,
 }
 
 impl State {
@@ -66,6 +70,7 @@ impl State {
         Ok(State {
             balancer: Balancer::new(strategy),
             client: upstream_client(&config),
+            outage_log: LogThrottle::new(Duration::from_secs(1)),
             pool,
             config,
         })
@@ -102,7 +107,12 @@ impl State {
                     .get(buf[i].id)
                     .expect("eligible ids come from the pool")),
                 Decision::Refused => Err(ProxyError::Refused),
-                Decision::NoneEligible => Err(ProxyError::NoHealthyBackend),
+                Decision::NoneEligible => {
+                    if let Some(suppressed) = self.outage_log.allow() {
+                        tracing::warn!(suppressed, "no healthy backend: answering 503");
+                    }
+                    Err(ProxyError::NoHealthyBackend)
+                }
             }
         })
     }
@@ -200,7 +210,15 @@ async fn forward(
     let mut tried: Vec<u32> = Vec::new();
 
     loop {
-        let backend = state.pick(&tried)?;
+        let backend = match state.pick(&tried) {
+            Ok(backend) => backend,
+            // Every other backend is out: the answer is the failure of the
+            // attempt already made, not an outage.
+            Err(ProxyError::NoHealthyBackend) if !tried.is_empty() => {
+                return Err(ProxyError::Upstream)
+            }
+            Err(error) => return Err(error),
+        };
         let Some(attempt_body) = body.body() else {
             return Err(ProxyError::Upstream);
         };

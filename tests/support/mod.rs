@@ -319,3 +319,125 @@ impl Http {
         &self.base
     }
 }
+
+/// A raw TCP backend that reads each request whole (head and
+/// `Content-Length` body), counts it, then resets the connection without
+/// answering: a backend failing after the request was sent.
+pub struct ResetBackend {
+    addr: SocketAddr,
+    /// Requests read in full before the reset.
+    pub received: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl ResetBackend {
+    /// Starts one on an ephemeral port.
+    pub async fn start() -> ResetBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let received = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&received);
+        let task = tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let counter = Arc::clone(&counter);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        let Ok(n) = stream.read(&mut chunk).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                            let length: usize = head
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length:"))
+                                .and_then(|v| v.trim().parse().ok())
+                                .unwrap_or(0);
+                            if buf.len() >= end + 4 + length {
+                                break;
+                            }
+                        }
+                    }
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    let _ = stream.set_zero_linger();
+                    drop(stream);
+                });
+            }
+        });
+        ResetBackend {
+            addr,
+            received,
+            task,
+        }
+    }
+
+    /// `host:port` for a config.
+    pub fn address(&self) -> String {
+        self.addr.to_string()
+    }
+}
+
+impl Drop for ResetBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A TCP listener that accepts connections and never reads or answers.
+pub struct BlackHole {
+    addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl BlackHole {
+    /// Starts one on an ephemeral port.
+    pub async fn start() -> BlackHole {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        });
+        BlackHole { addr, task }
+    }
+
+    /// `host:port` for a config.
+    pub fn address(&self) -> String {
+        self.addr.to_string()
+    }
+}
+
+impl Drop for BlackHole {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Waits until `condition` holds, checking every 20 ms, for at most
+/// `limit`; returns how long it took, or panics naming `what`.
+pub async fn wait_until(
+    what: &str,
+    limit: Duration,
+    mut condition: impl FnMut() -> bool,
+) -> Duration {
+    let started = std::time::Instant::now();
+    while !condition() {
+        assert!(
+            started.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    started.elapsed()
+}
