@@ -24,9 +24,10 @@
 pub mod balancer;
 pub mod config;
 pub mod health;
+pub mod metrics;
 pub mod proxy;
 pub mod server;
 pub mod throttle;
 
 pub use config::Config;
-pub use proxy::{Proxy, StartError};
+pub use proxy::{Proxy, ReloadError, StartError};

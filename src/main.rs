@@ -1,16 +1,12 @@
 //! The `rust_load_balancer` command: parse arguments, load and validate the
-//! config, run until SIGINT/SIGTERM.
+//! config, run until SIGINT/SIGTERM, reload on SIGHUP.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use rust_load_balancer::{balancer, Config, Proxy};
 use tracing_subscriber::EnvFilter;
-
-/// How long in-flight requests may take to finish after a stop signal.
-const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// An HTTP load balancer whose backend-selection strategies are WebAssembly
 /// components.
@@ -25,16 +21,29 @@ struct Args {
     /// summary, and exit: 0 if valid, 1 if not.
     #[arg(long)]
     check: bool,
+
+    /// Log format on stderr: human-readable text, or one JSON object per
+    /// line for log shippers.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
 
     let config = match Config::load(&args.config) {
         Ok(config) => config,
@@ -67,12 +76,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run(config))
+    runtime.block_on(run(config, args.config))
 }
 
-async fn run(config: Config) -> ExitCode {
+async fn run(config: Config, path: PathBuf) -> ExitCode {
     let summary = config.summary();
-    let proxy = match Proxy::start(config).await {
+    let proxy = match Proxy::start_from_file(config, path).await {
         Ok(proxy) => proxy,
         Err(error) => {
             eprintln!("error: {error}");
@@ -86,32 +95,34 @@ async fn run(config: Config) -> ExitCode {
             .split_once(", ")
             .map_or(summary.as_str(), |(_, rest)| rest)
     );
-    wait_for_stop_signal().await;
+    if let Err(error) = serve_until_stopped(&proxy).await {
+        eprintln!("error: cannot listen for signals: {error}");
+        return ExitCode::FAILURE;
+    }
+    let timeout = proxy.state().config().shutdown_timeout;
     tracing::info!(
-        "stopping: no new connections; waiting up to {SHUTDOWN_TIMEOUT:?} for requests in flight"
+        "stopping: no new connections; waiting up to {timeout:?} for requests in flight"
     );
-    proxy.shutdown(SHUTDOWN_TIMEOUT).await;
+    proxy.shutdown(timeout).await;
+    tracing::info!("stopped");
     ExitCode::SUCCESS
 }
 
-async fn wait_for_stop_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+/// Reloads on SIGHUP; returns on SIGINT or SIGTERM.
+async fn serve_until_stopped(proxy: &Proxy) -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut hangup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => return Ok(()),
+            _ = interrupt.recv() => return Ok(()),
+            _ = hangup.recv() => {
+                tracing::info!("SIGHUP: reloading the config");
+                // The outcome is logged (and counted) by the reload itself.
+                let _ = proxy.reload().await;
             }
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
     }
 }

@@ -53,7 +53,8 @@ async fn a_backend_dying_under_load_costs_no_request() {
     let b = backends.remove(1);
     let (b_addr, b_state) = (b.addr(), Arc::clone(&b.state));
     b.stop().await;
-    let pool = proxy.state().pool();
+    let state = proxy.state();
+    let pool = state.pool();
     let b_in_pool = &pool.backends()[1];
     wait_until("b ejected", Duration::from_secs(5), || {
         !b_in_pool.is_healthy()
@@ -99,7 +100,8 @@ async fn http_checks_eject_a_backend_whose_path_fails_while_its_port_accepts() {
     config.health.path = Some("/health".into());
     let proxy = start_proxy(config).await;
     let http = Http::new(proxy.local_addr());
-    let b = &proxy.state().pool().backends()[1];
+    let state = proxy.state();
+    let b = &state.pool().backends()[1];
 
     backends[1].state.health_status.store(500, Ordering::SeqCst);
     wait_until("b ejected", Duration::from_secs(3), || !b.is_healthy()).await;
@@ -138,7 +140,8 @@ async fn a_backend_that_never_answers_checks_is_ejected_and_delays_no_other() {
     config.health.timeout = Duration::from_millis(1500);
     config.health.unhealthy_threshold = 2;
     let proxy = start_proxy(config).await;
-    let pool = proxy.state().pool();
+    let state = proxy.state();
+    let pool = state.pool();
 
     // The normal backend starts failing: it is ejected after two of its own
     // checks, long before the black hole's first check has timed out.
@@ -166,7 +169,8 @@ async fn with_every_backend_down_requests_get_503_at_once_until_one_returns() {
     fast_checks(&mut config);
     let proxy = start_proxy(config).await;
     let http = Http::new(proxy.local_addr());
-    let pool = proxy.state().pool();
+    let state = proxy.state();
+    let pool = state.pool();
 
     let [a, b] = backends;
     let (a_addr, a_state) = (a.addr(), Arc::clone(&a.state));

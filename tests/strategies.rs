@@ -162,7 +162,8 @@ async fn survives(
 #[tokio::test]
 async fn an_endless_loop_is_cut_off_by_the_deadline() {
     let proxy = survives("misbehave-loop.wasm", |c| c.sandbox.fuel = u64::MAX / 2, 20).await;
-    let b = proxy.state().balancer();
+    let state = proxy.state();
+    let b = state.balancer();
     assert!(b.faults(FaultKind::Timeout) >= 1, "{b:?}");
     assert_eq!(b.faults(FaultKind::OutOfFuel), 0);
 }

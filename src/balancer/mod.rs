@@ -181,7 +181,11 @@ pub struct Balancer {
     started: Instant,
     /// Nanoseconds since `started` before which the module is skipped.
     quarantined_until: AtomicU64,
+    fault_hook: Option<FaultHook>,
 }
+
+/// Called with each fault's kind (e.g. to count it in metrics).
+pub type FaultHook = Box<dyn Fn(FaultKind) + Send + Sync>;
 
 impl Balancer {
     /// Guards `strategy`.
@@ -194,7 +198,14 @@ impl Balancer {
             log: LogThrottle::new(FAULT_LOG_INTERVAL),
             started: Instant::now(),
             quarantined_until: AtomicU64::new(0),
+            fault_hook: None,
         }
+    }
+
+    /// Calls `hook` with the kind of every fault from now on.
+    pub fn on_fault(mut self, hook: FaultHook) -> Balancer {
+        self.fault_hook = Some(hook);
+        self
     }
 
     /// The guarded strategy.
@@ -234,14 +245,17 @@ impl Balancer {
                 decision
             }
             Err(fault) => {
-                self.on_fault(&fault);
+                self.record_fault(&fault);
                 Decision::Backend(self.fallback.pick(backends.len()))
             }
         }
     }
 
-    fn on_fault(&self, fault: &StrategyError) {
+    fn record_fault(&self, fault: &StrategyError) {
         self.faults[fault.kind() as usize].fetch_add(1, Ordering::Relaxed);
+        if let Some(hook) = &self.fault_hook {
+            hook(fault.kind());
+        }
         let consecutive = self.consecutive_faults.fetch_add(1, Ordering::Relaxed) + 1;
         let mut quarantine = None;
         if consecutive >= QUARANTINE_AFTER {

@@ -41,6 +41,9 @@ pub const DEFAULT_HEALTHY_THRESHOLD: u32 = 2;
 /// Default `max_retries`: further backends tried after a failed attempt.
 pub const DEFAULT_MAX_RETRIES: u32 = 2;
 
+/// Default `shutdown_timeout`, in seconds.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: f64 = 30.0;
+
 /// The names of the strategies built into the binary.
 pub const BUILTIN_STRATEGIES: [&str; 3] =
     ["round-robin", "least-connections", "weighted-round-robin"];
@@ -60,6 +63,12 @@ pub struct Config {
     pub health: HealthConfig,
     /// How long connecting to a backend may take before it counts as failed.
     pub connect_timeout: Duration,
+    /// Where the admin API and `/metrics` listen; off when `None`.
+    pub admin_address: Option<SocketAddr>,
+    /// Whether to log one line per request.
+    pub access_log: bool,
+    /// How long requests in flight may take to finish after a stop signal.
+    pub shutdown_timeout: Duration,
 }
 
 /// One configured backend.
@@ -237,7 +246,38 @@ impl Config {
             sandbox: SandboxLimits::default(),
             health: HealthConfig::default(),
             connect_timeout: Duration::from_secs_f64(DEFAULT_CONNECT_TIMEOUT),
+            admin_address: None,
+            access_log: false,
+            shutdown_timeout: Duration::from_secs_f64(DEFAULT_SHUTDOWN_TIMEOUT),
         }
+    }
+
+    /// The effective config in the file's own format, every default filled
+    /// in: what `GET /config` on the admin API shows.
+    pub fn to_json(&self) -> serde_json::Value {
+        let backends: Vec<serde_json::Value> = self
+            .backends
+            .iter()
+            .map(|b| serde_json::json!({"address": b.address, "weight": b.weight}))
+            .collect();
+        serde_json::json!({
+            "listen_address": self.listen_address.to_string(),
+            "backend_servers": backends,
+            "strategy": self.strategy.to_string(),
+            "health_check_interval": self.health.interval.as_secs_f64(),
+            "health_check_timeout": self.health.timeout.as_secs_f64(),
+            "health_check_path": self.health.path,
+            "healthy_threshold": self.health.healthy_threshold,
+            "unhealthy_threshold": self.health.unhealthy_threshold,
+            "max_retries": self.health.max_retries,
+            "connect_timeout": self.connect_timeout.as_secs_f64(),
+            "strategy_fuel": self.sandbox.fuel,
+            "strategy_timeout": self.sandbox.timeout.as_secs_f64(),
+            "strategy_memory_mib": self.sandbox.memory_bytes >> 20,
+            "admin_address": self.admin_address.map(|a| a.to_string()),
+            "access_log": self.access_log,
+            "shutdown_timeout": self.shutdown_timeout.as_secs_f64(),
+        })
     }
 
     /// A one-line summary, as `--check` prints it.
@@ -390,6 +430,22 @@ impl RawConfig {
             ));
         }
 
+        let admin_address = match &self.admin_address {
+            None => None,
+            Some(a) => Some(a.trim().parse::<SocketAddr>().map_err(|_| {
+                invalid(
+                    "admin_address",
+                    format!("{a:?} is not an IP:port address (e.g. \"127.0.0.1:9090\")"),
+                )
+            })?),
+        };
+        if admin_address.is_some_and(|a| a == listen_address && a.port() != 0) {
+            return Err(invalid(
+                "admin_address",
+                "must differ from listen_address".into(),
+            ));
+        }
+
         Ok(Config {
             listen_address,
             backends,
@@ -404,6 +460,13 @@ impl RawConfig {
                 "connect_timeout",
                 self.connect_timeout,
                 DEFAULT_CONNECT_TIMEOUT,
+            )?,
+            admin_address,
+            access_log: self.access_log.unwrap_or(false),
+            shutdown_timeout: seconds(
+                "shutdown_timeout",
+                self.shutdown_timeout,
+                DEFAULT_SHUTDOWN_TIMEOUT,
             )?,
         })
     }
@@ -504,6 +567,17 @@ mod tests {
         assert_eq!(c.backends[0].address, "localhost:81");
         assert_eq!(c.backends[1].address, "[::1]:82");
         assert_eq!(c.health.interval, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn the_effective_config_reads_back_as_the_same_config() {
+        let c = parse_json(
+            r#"{"listen_address": "127.0.0.1:1", "backend_servers": ["a:1", {"address": "b:2", "weight": 3}],
+                "health_check_path": "/up", "admin_address": "127.0.0.1:2", "access_log": true}"#,
+        )
+        .unwrap();
+        let again = parse_json(&c.to_json().to_string()).unwrap();
+        assert_eq!(again, c);
     }
 
     #[test]

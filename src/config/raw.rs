@@ -23,6 +23,9 @@ pub(super) struct RawConfig {
     pub strategy_fuel: Option<u64>,
     pub strategy_timeout: Option<f64>,
     pub strategy_memory_mib: Option<u64>,
+    pub admin_address: Option<String>,
+    pub access_log: Option<bool>,
+    pub shutdown_timeout: Option<f64>,
 }
 
 /// A backend: `"host:port"`, or `{"address": "host:port", "weight": 3}`.

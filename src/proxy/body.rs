@@ -3,17 +3,22 @@
 //! [`RequestBody`] lets a request whose connect attempt failed be sent again:
 //! the client's body stays in a shared slot until the upstream connection
 //! first polls it, so if nothing was sent it can be taken back for a retry.
-//! [`ResponseBody`] carries the backend's [`ConnectionGuard`] until the last
-//! byte is out, so a backend's active count covers the whole response.
+//! [`ResponseBody`] carries a [`Completion`] (the backend's
+//! [`ConnectionGuard`], the metrics and access log record) until the last
+//! byte is out, so a backend's active count and the request's duration cover
+//! the whole response.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use bytes::Bytes;
+use http::Method;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use crate::metrics::{Metrics, NO_BACKEND};
 use crate::server::ConnectionGuard;
 
 /// A client's request body on its way upstream.
@@ -125,32 +130,88 @@ impl Body for RequestBody {
     }
 }
 
+/// What happens when a response is finished (its last byte handed to the
+/// connection, or the client gone): the backend's in-flight count drops, and
+/// the request is counted and timed and, if enabled, access-logged.
+pub struct Completion {
+    guard: Option<ConnectionGuard>,
+    metrics: Arc<Metrics>,
+    status: u16,
+    started: Instant,
+    access: Option<(Method, String)>,
+}
+
+impl Completion {
+    /// A completion for a request received at `started`, answered with
+    /// `status`, by the backend of `guard` (or by the balancer itself).
+    /// `access` is the method and path, when access logging is on.
+    pub fn new(
+        metrics: Arc<Metrics>,
+        guard: Option<ConnectionGuard>,
+        status: u16,
+        started: Instant,
+        access: Option<(Method, String)>,
+    ) -> Completion {
+        Completion {
+            guard,
+            metrics,
+            status,
+            started,
+            access,
+        }
+    }
+}
+
+impl Drop for Completion {
+    fn drop(&mut self) {
+        let elapsed = self.started.elapsed();
+        let backend = self
+            .guard
+            .as_ref()
+            .map_or(NO_BACKEND, |g| g.backend().address());
+        self.metrics.record_request(backend, self.status, elapsed);
+        if let Some((method, path)) = &self.access {
+            tracing::info!(
+                target: "access",
+                %method,
+                path = %path,
+                status = self.status,
+                backend,
+                duration_ms = elapsed.as_secs_f64() * 1000.0,
+                "request"
+            );
+        }
+    }
+}
+
+impl std::fmt::Debug for Completion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Completion")
+            .field("status", &self.status)
+            .finish_non_exhaustive()
+    }
+}
+
 /// A response on its way to the client: a backend's streamed body, or a
 /// short body the proxy wrote itself (errors).
 #[derive(Debug)]
 pub struct ResponseBody {
     kind: ResponseKind,
+    completion: Option<Completion>,
 }
 
 #[derive(Debug)]
 enum ResponseKind {
-    Upstream {
-        body: Incoming,
-        guard: Option<ConnectionGuard>,
-    },
+    Upstream(Incoming),
     Full(Option<Bytes>),
 }
 
 impl ResponseBody {
-    /// Streams `body` from a backend; `guard` is dropped when it ends.
-    pub fn upstream(body: Incoming, guard: ConnectionGuard) -> ResponseBody {
-        let guard = if body.is_end_stream() {
-            None
-        } else {
-            Some(guard)
-        };
+    /// Streams `body` from a backend.
+    pub fn upstream(body: Incoming) -> ResponseBody {
         ResponseBody {
-            kind: ResponseKind::Upstream { body, guard },
+            kind: ResponseKind::Upstream(body),
+            completion: None,
         }
     }
 
@@ -159,7 +220,18 @@ impl ResponseBody {
         let bytes: Bytes = bytes.into();
         ResponseBody {
             kind: ResponseKind::Full((!bytes.is_empty()).then_some(bytes)),
+            completion: None,
         }
+    }
+
+    /// Runs `completion` when the body ends or is dropped.
+    pub fn on_completion(mut self, completion: Completion) -> ResponseBody {
+        if self.is_end_stream() {
+            drop(completion);
+        } else {
+            self.completion = Some(completion);
+        }
+        self
     }
 }
 
@@ -171,30 +243,32 @@ impl Body for ResponseBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match &mut self.get_mut().kind {
-            ResponseKind::Upstream { body, guard } => {
-                let polled = Pin::new(&mut *body).poll_frame(cx);
-                match &polled {
-                    Poll::Ready(None) | Poll::Ready(Some(Err(_))) => *guard = None,
-                    Poll::Ready(Some(Ok(_))) if body.is_end_stream() => *guard = None,
-                    _ => {}
-                }
-                polled
-            }
+        let this = self.get_mut();
+        let polled = match &mut this.kind {
+            ResponseKind::Upstream(body) => Pin::new(body).poll_frame(cx),
             ResponseKind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+        };
+        let finished = match &polled {
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => true,
+            Poll::Ready(Some(Ok(_))) => this.is_end_stream(),
+            Poll::Pending => false,
+        };
+        if finished {
+            this.completion = None;
         }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
-            ResponseKind::Upstream { body, .. } => body.is_end_stream(),
+            ResponseKind::Upstream(body) => body.is_end_stream(),
             ResponseKind::Full(bytes) => bytes.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            ResponseKind::Upstream { body, .. } => body.size_hint(),
+            ResponseKind::Upstream(body) => body.size_hint(),
             ResponseKind::Full(bytes) => {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }

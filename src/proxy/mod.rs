@@ -1,27 +1,30 @@
 //! The HTTP/1.1 proxy: accepts clients (hyper server), asks the balancer for
 //! a backend, forwards over a pooled keep-alive client, and streams both
-//! bodies.
+//! bodies; and the config generations it serves, swapped atomically on
+//! reload.
 //!
 //! One request, start to end:
-//! accept -> [`handle`] -> pool snapshot of eligible backends -> strategy
-//! `select` -> [`ConnectionGuard`](crate::server::ConnectionGuard) raises the
-//! backend's active count -> pooled client forwards -> response streams back
-//! -> guard drops when the body ends. A failed connect marks the backend
-//! (passive health) and the request is retried elsewhere when that is safe.
+//! accept -> `forward::handle` takes the current [`State`] -> pool snapshot
+//! of eligible backends -> strategy `select` ->
+//! [`ConnectionGuard`](crate::server::ConnectionGuard) raises the backend's
+//! active count -> pooled client forwards -> response streams back -> the
+//! [`Completion`] drops with the last byte: guard released, request counted
+//! and timed. A failed connect marks the backend (passive health) and the
+//! request is retried elsewhere when that is safe.
 
 mod body;
 mod error;
+mod forward;
 mod headers;
 
 use std::cell::RefCell;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use http::header::{HeaderValue, HOST};
-use http::{Method, Request, Response, Uri, Version};
-use hyper::body::Incoming;
+use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -29,15 +32,16 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
+use tokio::task::{AbortHandle, JoinHandle};
 
-pub use body::{BodySlot, RequestBody, ResponseBody};
+pub use body::{BodySlot, Completion, RequestBody, ResponseBody};
 pub use error::{describe as describe_error, ProxyError};
 pub use headers::{add_forwarded, remove_hop_by_hop};
 
 use crate::balancer::{self, BackendView, Balancer, Decision, LoadError};
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::health;
+use crate::metrics::{admin, Metrics};
 use crate::server::{Backend, Pool};
 use crate::throttle::LogThrottle;
 
@@ -49,34 +53,46 @@ const POOL_MAX_IDLE_PER_HOST: usize = 256;
 /// The upstream client: hyper-util's pooled client, keep-alive per backend.
 pub type UpstreamClient = Client<HttpConnector, RequestBody>;
 
-/// Everything a request needs, shared by all connections.
+/// One config generation: everything a request needs. A reload builds a new
+/// one and swaps it in; requests in flight keep the one they started with.
 #[derive(Debug)]
 pub struct State {
     config: Config,
     pool: Pool,
     balancer: Balancer,
     client: UpstreamClient,
-    /// Throttles the "no healthy backend" warning, which would otherwise
-    /// come once per request during an outage.
-    outage_log: LogThrottle,
 }
 
 impl State {
-    /// Builds the pool, loads the strategy module (compiling it now, never
-    /// per request) and the upstream client.
-    pub fn new(config: Config) -> Result<State, StartError> {
+    /// Builds a generation from `config`: loads the strategy module
+    /// (compiling it now, never per request), builds the pool, keeping the
+    /// stats of backends that were in `previous`, and reuses `previous`'s
+    /// upstream client (and its idle connections) when the connect timeout
+    /// is unchanged.
+    fn new(
+        config: Config,
+        previous: Option<&State>,
+        metrics: &Arc<Metrics>,
+    ) -> Result<State, StartError> {
         let strategy = balancer::load(&config.strategy, config.sandbox)?;
-        let pool = Pool::new(&config.backends).map_err(|e| StartError::Backend(e.to_string()))?;
+        let pool = Pool::with_previous(&config.backends, previous.map(|p| &p.pool))
+            .map_err(|e| StartError::Backend(e.to_string()))?;
+        let client = match previous {
+            Some(p) if p.config.connect_timeout == config.connect_timeout => p.client.clone(),
+            _ => upstream_client(&config),
+        };
+        let metrics = Arc::clone(metrics);
+        let balancer =
+            Balancer::new(strategy).on_fault(Box::new(move |kind| metrics.record_fault(kind)));
         Ok(State {
-            balancer: Balancer::new(strategy),
-            client: upstream_client(&config),
-            outage_log: LogThrottle::new(Duration::from_secs(1)),
+            balancer,
+            client,
             pool,
             config,
         })
     }
 
-    /// The configuration this state was built from.
+    /// The configuration this generation was built from.
     pub fn config(&self) -> &Config {
         &self.config
     }
@@ -92,7 +108,7 @@ impl State {
     }
 
     /// Asks the strategy for a healthy backend not in `exclude`.
-    fn pick(&self, exclude: &[u32]) -> Result<&Arc<Backend>, ProxyError> {
+    fn pick(&self, metrics: &Metrics, exclude: &[u32]) -> Result<&Arc<Backend>, ProxyError> {
         thread_local! {
             // One buffer per worker thread: no allocation per request once
             // it has grown to the number of backends.
@@ -101,18 +117,18 @@ impl State {
         ELIGIBLE.with(|buf| {
             let mut buf = buf.borrow_mut();
             self.pool.eligible(exclude, &mut buf);
-            match self.balancer.select(&buf) {
+            let started = Instant::now();
+            let decision = self.balancer.select(&buf);
+            if decision != Decision::NoneEligible {
+                metrics.record_select(started.elapsed());
+            }
+            match decision {
                 Decision::Backend(i) => Ok(self
                     .pool
                     .get(buf[i].id)
                     .expect("eligible ids come from the pool")),
                 Decision::Refused => Err(ProxyError::Refused),
-                Decision::NoneEligible => {
-                    if let Some(suppressed) = self.outage_log.allow() {
-                        tracing::warn!(suppressed, "no healthy backend: answering 503");
-                    }
-                    Err(ProxyError::NoHealthyBackend)
-                }
+                Decision::NoneEligible => Err(ProxyError::NoHealthyBackend),
             }
         })
     }
@@ -154,7 +170,7 @@ pub enum StartError {
     /// A backend address could not be used.
     #[error("backend address: {0}")]
     Backend(String),
-    /// The listen address could not be bound.
+    /// A listen address could not be bound.
     #[error("cannot listen on {address}: {source}")]
     Bind {
         /// The address.
@@ -164,142 +180,162 @@ pub enum StartError {
     },
 }
 
-/// Methods whose requests may be sent twice without changing the outcome
-/// (RFC 9110 §9.2.2).
-fn is_idempotent(method: &Method) -> bool {
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    )
+/// Why a reload was rejected; the old config keeps serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The balancer was started from a config value, not a file.
+    #[error("no config file to reload: the balancer was started without one")]
+    NoFile,
+    /// The new config file is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The new config could not be put in place (its module, say).
+    #[error(transparent)]
+    Start(#[from] StartError),
 }
 
-/// Serves one client request: picks a backend, forwards, retries when safe.
-pub async fn handle(
-    state: Arc<State>,
-    client: SocketAddr,
-    request: Request<Incoming>,
-) -> Response<ResponseBody> {
-    match forward(&state, client, request).await {
-        Ok(response) => response,
-        Err(error) => error.into_response(),
-    }
+/// What is shared by every connection and survives reloads.
+pub(crate) struct Shared {
+    pub(crate) state: ArcSwap<State>,
+    pub(crate) metrics: Arc<Metrics>,
+    config_path: Option<PathBuf>,
+    /// One reload at a time.
+    reload_lock: tokio::sync::Mutex<()>,
+    /// The health checker of the current generation.
+    checker: Mutex<Option<AbortHandle>>,
+    /// Throttles the "no healthy backend" warning, which would otherwise
+    /// come once per request during an outage.
+    outage_log: LogThrottle,
 }
 
-async fn forward(
-    state: &State,
-    client: SocketAddr,
-    request: Request<Incoming>,
-) -> Result<Response<ResponseBody>, ProxyError> {
-    let (mut parts, body) = request.into_parts();
-    let host = parts.headers.get(HOST).cloned().or_else(|| {
-        parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
-    remove_hop_by_hop(&mut parts.headers);
-    add_forwarded(&mut parts.headers, client.ip(), host.as_ref());
-    let path_and_query = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-    let body = BodySlot::new(body);
-    let retry_after_send = is_idempotent(&parts.method) && body.is_empty();
-    let max_retries = state.config.health.max_retries as usize;
-    let mut tried: Vec<u32> = Vec::new();
-
-    loop {
-        let backend = match state.pick(&tried) {
-            Ok(backend) => backend,
-            // Every other backend is out: the answer is the failure of the
-            // attempt already made, not an outage.
-            Err(ProxyError::NoHealthyBackend) if !tried.is_empty() => {
-                return Err(ProxyError::Upstream)
-            }
-            Err(error) => return Err(error),
-        };
-        let Some(attempt_body) = body.body() else {
-            return Err(ProxyError::Upstream);
-        };
-        let uri = Uri::builder()
-            .scheme("http")
-            .authority(backend.authority().clone())
-            .path_and_query(path_and_query.clone())
-            .build()
-            .map_err(|_| ProxyError::BadRequest)?;
-        let mut upstream = Request::new(attempt_body);
-        *upstream.method_mut() = parts.method.clone();
-        *upstream.uri_mut() = uri;
-        *upstream.version_mut() = Version::HTTP_11;
-        *upstream.headers_mut() = parts.headers.clone();
-
-        let guard = backend.track();
-        let sent = Instant::now();
-        match state.client.request(upstream).await {
-            Ok(response) => {
-                backend.record_latency(sent.elapsed());
-                let health = &state.config.health;
-                backend.observe_health(true, health.healthy_threshold, health.unhealthy_threshold);
-                let (mut parts, body) = response.into_parts();
-                remove_hop_by_hop(&mut parts.headers);
-                return Ok(Response::from_parts(
-                    parts,
-                    ResponseBody::upstream(body, guard),
-                ));
-            }
-            Err(error) => {
-                drop(guard);
-                let connect_failed = error.is_connect();
-                let reason = error::describe(&error);
-                state.passive_failure(backend, &reason);
-                tried.push(backend.id());
-                let may_retry = connect_failed || retry_after_send;
-                if may_retry && tried.len() <= max_retries {
-                    tracing::debug!(
-                        backend = backend.address(),
-                        "retrying on another backend after: {reason}"
-                    );
-                    continue;
-                }
-                tracing::warn!(
-                    backend = backend.address(),
-                    method = %parts.method,
-                    path = %path_and_query,
-                    "upstream request failed: {reason}"
-                );
-                return Err(ProxyError::Upstream);
-            }
+impl Shared {
+    fn log_outage(&self) {
+        if let Some(suppressed) = self.outage_log.allow() {
+            tracing::warn!(suppressed, "no healthy backend: answering 503");
         }
     }
+
+    /// Puts `state` in service and restarts health checking for it.
+    fn install(&self, state: Arc<State>) {
+        let checker = tokio::spawn(health::run(Arc::clone(&state))).abort_handle();
+        self.state.store(state);
+        let previous = self
+            .checker
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace(checker);
+        if let Some(previous) = previous {
+            previous.abort();
+        }
+    }
+
+    /// Re-reads the config file, builds the new generation completely
+    /// (module compiled, pool built) and only then swaps it in. On any error
+    /// the old generation keeps serving.
+    pub(crate) async fn reload(&self) -> Result<String, ReloadError> {
+        let _one_at_a_time = self.reload_lock.lock().await;
+        let result = self.try_reload().await;
+        self.metrics.record_reload(result.is_ok());
+        match &result {
+            Ok(summary) => tracing::info!("config reloaded: {summary}"),
+            Err(error) => {
+                tracing::error!("config reload rejected, keeping the old config: {error}")
+            }
+        }
+        result
+    }
+
+    async fn try_reload(&self) -> Result<String, ReloadError> {
+        let path = self.config_path.clone().ok_or(ReloadError::NoFile)?;
+        let old = self.state.load_full();
+        let metrics = Arc::clone(&self.metrics);
+        // Loading reads a file and may compile a large module for seconds:
+        // keep it off the threads that serve requests.
+        let new = tokio::task::spawn_blocking(move || -> Result<State, ReloadError> {
+            let mut config = Config::load(&path)?;
+            // Listeners stay where they are until a restart.
+            if config.listen_address != old.config.listen_address {
+                tracing::warn!(
+                    "listen_address changed to {}: this needs a restart; still listening on {}",
+                    config.listen_address,
+                    old.config.listen_address
+                );
+                config.listen_address = old.config.listen_address;
+            }
+            if config.admin_address != old.config.admin_address {
+                tracing::warn!(
+                    "admin_address changed: this needs a restart; the admin listener stays on {:?}",
+                    old.config.admin_address
+                );
+                config.admin_address = old.config.admin_address;
+            }
+            Ok(State::new(config, Some(&old), &metrics)?)
+        })
+        .await
+        .expect("the reload task does not panic")?;
+        let summary = new.config.summary();
+        self.install(Arc::new(new));
+        Ok(summary)
+    }
 }
 
-/// A running balancer: its listener, accept loop and health checker.
-#[derive(Debug)]
+/// A running balancer: its listeners, accept loops and health checker.
 pub struct Proxy {
     local_addr: SocketAddr,
-    state: Arc<State>,
+    admin_addr: Option<SocketAddr>,
+    shared: Arc<Shared>,
     shutdown: watch::Sender<Option<Duration>>,
     task: JoinHandle<()>,
 }
 
 impl Proxy {
-    /// Loads the strategy, binds `config.listen_address` and starts serving
-    /// and health checking. Must be called inside a tokio runtime.
+    /// Loads the strategy, binds `config.listen_address` (and the admin
+    /// address, if set) and starts serving and health checking. A reload
+    /// needs a file: see [`Proxy::start_from_file`]. Must be called inside a
+    /// tokio runtime.
     pub async fn start(config: Config) -> Result<Proxy, StartError> {
+        Proxy::start_with(config, None).await
+    }
+
+    /// As [`Proxy::start`], remembering `path` so that [`Proxy::reload`]
+    /// (SIGHUP, `POST /reload`) can read it again.
+    pub async fn start_from_file(config: Config, path: PathBuf) -> Result<Proxy, StartError> {
+        Proxy::start_with(config, Some(path)).await
+    }
+
+    async fn start_with(config: Config, config_path: Option<PathBuf>) -> Result<Proxy, StartError> {
+        let metrics = Arc::new(Metrics::new());
         let address = config.listen_address;
-        let state = Arc::new(State::new(config)?);
-        let listener = TcpListener::bind(address)
-            .await
-            .map_err(|source| StartError::Bind { address, source })?;
+        let admin_address = config.admin_address;
+        let state = State::new(config, None, &metrics)?;
+        let listener = bind(address).await?;
         let local_addr = listener
             .local_addr()
             .map_err(|source| StartError::Bind { address, source })?;
+        let admin_listener = match admin_address {
+            Some(address) => Some(bind(address).await?),
+            None => None,
+        };
+        let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
+
+        let shared = Arc::new(Shared {
+            state: ArcSwap::from_pointee(state),
+            metrics,
+            config_path,
+            reload_lock: tokio::sync::Mutex::new(()),
+            checker: Mutex::new(None),
+            outage_log: LogThrottle::new(Duration::from_secs(1)),
+        });
+        shared.install(shared.state.load_full());
         let (shutdown, signal) = watch::channel(None);
-        let task = tokio::spawn(serve(listener, Arc::clone(&state), signal));
+        if let Some(listener) = admin_listener {
+            tokio::spawn(admin::serve(listener, Arc::clone(&shared), signal.clone()));
+        }
+        let task = tokio::spawn(serve(listener, Arc::clone(&shared), signal));
         Ok(Proxy {
             local_addr,
-            state,
+            admin_addr,
+            shared,
             shutdown,
             task,
         })
@@ -310,30 +346,69 @@ impl Proxy {
         self.local_addr
     }
 
-    /// The shared state: pool, balancer, config.
-    pub fn state(&self) -> &Arc<State> {
-        &self.state
+    /// The bound admin address, if the admin listener is on.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
 
-    /// Stops accepting, lets requests in flight finish for up to `timeout`,
-    /// then returns.
+    /// The current config generation: pool, balancer, config.
+    pub fn state(&self) -> Arc<State> {
+        self.shared.state.load_full()
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    /// Re-reads the config file and swaps the new config in, or keeps the
+    /// old one and says why. Returns the new config's summary.
+    pub async fn reload(&self) -> Result<String, ReloadError> {
+        self.shared.reload().await
+    }
+
+    /// Stops accepting, lets requests in flight finish for up to `timeout`
+    /// (keep-alive clients are told `Connection: close`), then returns.
     pub async fn shutdown(self, timeout: Duration) {
         let _ = self.shutdown.send(Some(timeout));
         let _ = self.task.await;
+        if let Some(checker) = self
+            .shared
+            .checker
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            checker.abort();
+        }
     }
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("local_addr", &self.local_addr)
+            .field("admin_addr", &self.admin_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+async fn bind(address: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(address)
+        .await
+        .map_err(|source| StartError::Bind { address, source })
 }
 
 async fn serve(
     listener: TcpListener,
-    state: Arc<State>,
+    shared: Arc<Shared>,
     mut shutdown: watch::Receiver<Option<Duration>>,
 ) {
     let graceful = GracefulShutdown::new();
-    let checker = tokio::spawn(health::run(Arc::clone(&state)));
     let timeout = loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => serve_connection(stream, peer, &state, &graceful),
+                Ok((stream, peer)) => serve_connection(stream, peer, &shared, &graceful),
                 Err(error) => {
                     // Out of descriptors or a connection reset before accept:
                     // back off briefly instead of spinning, keep serving.
@@ -349,8 +424,8 @@ async fn serve(
             }
         }
     };
+    // New connections are refused from here on.
     drop(listener);
-    checker.abort();
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("all connections closed"),
         () = tokio::time::sleep(timeout) => tracing::warn!("shutdown timeout ({timeout:?}) reached; closing remaining connections"),
@@ -360,14 +435,14 @@ async fn serve(
 fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
-    state: &Arc<State>,
+    shared: &Arc<Shared>,
     graceful: &GracefulShutdown,
 ) {
     let _ = stream.set_nodelay(true);
-    let state = Arc::clone(state);
+    let shared = Arc::clone(shared);
     let service = service_fn(move |request| {
-        let state = Arc::clone(&state);
-        async move { Ok::<_, Infallible>(handle(state, peer, request).await) }
+        let shared = Arc::clone(&shared);
+        async move { Ok::<_, Infallible>(forward::handle(shared, peer, request).await) }
     });
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())

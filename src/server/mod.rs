@@ -19,11 +19,31 @@ pub struct Backend {
     address: String,
     authority: http::uri::Authority,
     weight: u32,
+    stats: Arc<Stats>,
+}
+
+/// What is measured about a backend. Shared by the old and new [`Backend`]
+/// across a config reload, so a backend that stays keeps its health and its
+/// in-flight count even if its position or weight changes.
+#[derive(Debug)]
+struct Stats {
     active: AtomicU32,
     latency_micros: AtomicU32,
     requests_total: AtomicU64,
     healthy: AtomicBool,
     streak: Mutex<Streak>,
+}
+
+impl Default for Stats {
+    fn default() -> Stats {
+        Stats {
+            active: AtomicU32::new(0),
+            latency_micros: AtomicU32::new(0),
+            requests_total: AtomicU64::new(0),
+            healthy: AtomicBool::new(true),
+            streak: Mutex::new(Streak::default()),
+        }
+    }
 }
 
 /// Consecutive results of the same kind, for the health thresholds.
@@ -45,11 +65,7 @@ impl Backend {
             authority: config.address.parse()?,
             address: config.address.clone(),
             weight: config.weight,
-            active: AtomicU32::new(0),
-            latency_micros: AtomicU32::new(0),
-            requests_total: AtomicU64::new(0),
-            healthy: AtomicBool::new(true),
-            streak: Mutex::new(Streak::default()),
+            stats: Arc::default(),
         })
     }
 
@@ -75,22 +91,22 @@ impl Backend {
 
     /// Requests in flight to this backend through this balancer.
     pub fn active_connections(&self) -> u32 {
-        self.active.load(Ordering::Relaxed)
+        self.stats.active.load(Ordering::Relaxed)
     }
 
     /// Smoothed response time in microseconds; 0 until the first response.
     pub fn latency_micros(&self) -> u32 {
-        self.latency_micros.load(Ordering::Relaxed)
+        self.stats.latency_micros.load(Ordering::Relaxed)
     }
 
     /// Requests sent to this backend since start.
     pub fn requests_total(&self) -> u64 {
-        self.requests_total.load(Ordering::Relaxed)
+        self.stats.requests_total.load(Ordering::Relaxed)
     }
 
     /// Whether the backend may receive traffic.
     pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
+        self.stats.healthy.load(Ordering::Relaxed)
     }
 
     /// How a strategy sees this backend now.
@@ -105,8 +121,8 @@ impl Backend {
 
     /// Counts a request as in flight until the returned guard is dropped.
     pub fn track(self: &Arc<Self>) -> ConnectionGuard {
-        self.active.fetch_add(1, Ordering::Relaxed);
-        self.requests_total.fetch_add(1, Ordering::Relaxed);
+        self.stats.active.fetch_add(1, Ordering::Relaxed);
+        self.stats.requests_total.fetch_add(1, Ordering::Relaxed);
         ConnectionGuard {
             backend: Arc::clone(self),
         }
@@ -119,16 +135,17 @@ impl Backend {
         let sample = u32::try_from(elapsed.as_micros())
             .unwrap_or(u32::MAX)
             .max(1);
-        let _ = self
-            .latency_micros
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
-                Some(if old == 0 {
-                    sample
-                } else {
-                    let old = i64::from(old);
-                    (old + (i64::from(sample) - old) / 8).clamp(1, i64::from(u32::MAX)) as u32
-                })
-            });
+        let _ =
+            self.stats
+                .latency_micros
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+                    Some(if old == 0 {
+                        sample
+                    } else {
+                        let old = i64::from(old);
+                        (old + (i64::from(sample) - old) / 8).clamp(1, i64::from(u32::MAX)) as u32
+                    })
+                });
     }
 
     /// Records one health observation (an active check or a proxied request)
@@ -141,20 +158,20 @@ impl Backend {
         healthy_threshold: u32,
         unhealthy_threshold: u32,
     ) -> Option<bool> {
-        let mut streak = self.streak.lock().unwrap_or_else(|e| e.into_inner());
+        let mut streak = self.stats.streak.lock().unwrap_or_else(|e| e.into_inner());
         let healthy = self.is_healthy();
         if success {
             streak.failures = 0;
             streak.successes = streak.successes.saturating_add(1);
             if !healthy && streak.successes >= healthy_threshold {
-                self.healthy.store(true, Ordering::Relaxed);
+                self.stats.healthy.store(true, Ordering::Relaxed);
                 return Some(true);
             }
         } else {
             streak.successes = 0;
             streak.failures = streak.failures.saturating_add(1);
             if healthy && streak.failures >= unhealthy_threshold {
-                self.healthy.store(false, Ordering::Relaxed);
+                self.stats.healthy.store(false, Ordering::Relaxed);
                 return Some(false);
             }
         }
@@ -179,7 +196,7 @@ impl ConnectionGuard {
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        self.backend.active.fetch_sub(1, Ordering::Relaxed);
+        self.backend.stats.active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -192,12 +209,33 @@ pub struct Pool {
 impl Pool {
     /// A pool of the given backends, ids by position.
     pub fn new(configs: &[BackendConfig]) -> Result<Pool, http::uri::InvalidUri> {
+        Pool::with_previous(configs, None)
+    }
+
+    /// A pool for a reloaded config: a backend whose address was in
+    /// `previous` keeps its stats (health, in-flight count, latency), under
+    /// its new position and weight.
+    pub fn with_previous(
+        configs: &[BackendConfig],
+        previous: Option<&Pool>,
+    ) -> Result<Pool, http::uri::InvalidUri> {
         let backends = configs
             .iter()
             .enumerate()
-            .map(|(i, c)| Backend::new(i as u32, c).map(Arc::new))
+            .map(|(i, c)| {
+                let mut backend = Backend::new(i as u32, c)?;
+                if let Some(old) = previous.and_then(|p| p.find(&c.address)) {
+                    backend.stats = Arc::clone(&old.stats);
+                }
+                Ok::<_, http::uri::InvalidUri>(Arc::new(backend))
+            })
             .collect::<Result<_, _>>()?;
         Ok(Pool { backends })
+    }
+
+    /// The backend with this address.
+    pub fn find(&self, address: &str) -> Option<&Arc<Backend>> {
+        self.backends.iter().find(|b| b.address == address)
     }
 
     /// All configured backends, healthy or not.
@@ -276,6 +314,36 @@ mod tests {
         assert_eq!(b.observe_health(true, 2, 3), None);
         assert_eq!(b.observe_health(true, 2, 3), Some(true));
         assert!(b.is_healthy());
+    }
+
+    #[test]
+    fn a_reloaded_pool_keeps_the_stats_of_backends_that_stay() {
+        let old = pool(3);
+        let _in_flight = old.backends()[2].track();
+        for _ in 0..3 {
+            old.backends()[1].observe_health(false, 1, 3);
+        }
+        let configs = [
+            BackendConfig {
+                address: "127.0.0.1:1002".into(),
+                weight: 4,
+            },
+            BackendConfig {
+                address: "127.0.0.1:1001".into(),
+                weight: 1,
+            },
+            BackendConfig {
+                address: "127.0.0.1:2000".into(),
+                weight: 1,
+            },
+        ];
+        let new = Pool::with_previous(&configs, Some(&old)).unwrap();
+        assert_eq!(new.backends()[0].id(), 0);
+        assert_eq!(new.backends()[0].weight(), 4);
+        assert_eq!(new.backends()[0].active_connections(), 1);
+        assert!(!new.backends()[1].is_healthy());
+        assert!(new.backends()[2].is_healthy());
+        assert_eq!(new.backends()[2].requests_total(), 0);
     }
 
     #[test]

@@ -1,0 +1,141 @@
+//! The admin listener (`admin_address`): `GET /metrics`, `GET /backends`,
+//! `GET /config`, `POST /reload`. Off unless configured; it has no
+//! authentication, so it belongs on a loopback or private address.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::proxy::Shared;
+
+/// Serves the admin API until shutdown is signalled.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<Option<Duration>>,
+) {
+    if let Ok(address) = listener.local_addr() {
+        if !address.ip().is_loopback() {
+            tracing::warn!(
+                "the admin API on {address} is not on a loopback address; it has no authentication"
+            );
+        }
+        tracing::info!("admin API on http://{address} (/metrics, /backends, /config, /reload)");
+    }
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    tracing::warn!("admin accept failed: {error}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            let service = service_fn(move |request| {
+                let shared = Arc::clone(&shared);
+                async move { Ok::<_, Infallible>(route(&shared, request).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn respond(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut text = serde_json::to_string_pretty(value).unwrap_or_default();
+    text.push('\n');
+    respond(status, "application/json", text)
+}
+
+async fn route(shared: &Shared, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    let allowed = match request.uri().path() {
+        "/metrics" | "/backends" | "/config" => Method::GET,
+        "/reload" => Method::POST,
+        _ => {
+            return respond(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "not found: try /metrics, /backends, /config or POST /reload\n",
+            )
+        }
+    };
+    if request.method() != allowed {
+        let mut response = respond(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "method not allowed\n",
+        );
+        response.headers_mut().insert(
+            ALLOW,
+            HeaderValue::from_str(allowed.as_str()).expect("a method is a valid header"),
+        );
+        return response;
+    }
+    let state = shared.state.load_full();
+    match request.uri().path() {
+        "/metrics" => respond(
+            StatusCode::OK,
+            super::CONTENT_TYPE,
+            shared.metrics.encode(state.pool()),
+        ),
+        "/backends" => {
+            let backends: Vec<serde_json::Value> = state
+                .pool()
+                .backends()
+                .iter()
+                .map(|b| {
+                    serde_json::json!({
+                        "address": b.address(),
+                        "weight": b.weight(),
+                        "healthy": b.is_healthy(),
+                        "active_connections": b.active_connections(),
+                        "latency_micros": b.latency_micros(),
+                        "requests_total": b.requests_total(),
+                    })
+                })
+                .collect();
+            json(StatusCode::OK, &serde_json::Value::Array(backends))
+        }
+        "/config" => json(StatusCode::OK, &state.config().to_json()),
+        _ => match shared.reload().await {
+            Ok(summary) => json(
+                StatusCode::OK,
+                &serde_json::json!({"result": "success", "config": summary}),
+            ),
+            Err(error) => json(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                &serde_json::json!({"result": "failure", "error": error.to_string()}),
+            ),
+        },
+    }
+}
