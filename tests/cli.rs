@@ -185,3 +185,88 @@ fn version_and_help() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("--check"));
 }
+
+#[test]
+fn strategy_list_names_the_built_ins() {
+    let out = run(&["strategy", "list"]);
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "round-robin\nleast-connections\nweighted-round-robin\n"
+    );
+}
+
+#[test]
+fn strategy_test_prints_the_distribution_of_a_good_module() {
+    let out = run(&[
+        "strategy",
+        "test",
+        "weighted-round-robin",
+        "--weights",
+        "5,1,1",
+        "--requests",
+        "700",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", stderr(&out));
+    let rows: Vec<Vec<&str>> = stdout
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .filter(|cols: &Vec<&str>| cols.len() == 4 && cols[0].parse::<u32>().is_ok())
+        .collect();
+    let picks: Vec<&str> = rows.iter().map(|r| r[2]).collect();
+    assert_eq!(picks, ["500", "100", "100"], "{stdout}");
+    assert!(stdout.contains("faults: none"), "{stdout}");
+    assert!(stdout.contains("select time: median"), "{stdout}");
+
+    let custom = support::dist("pick-last.wasm");
+    let out = run(&[
+        "strategy",
+        "test",
+        custom.to_str().unwrap(),
+        "--backends",
+        "3",
+        "--requests",
+        "30",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("       2        1         30   100.0%"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn strategy_test_fails_naming_the_fault() {
+    for (module, faults) in [
+        ("misbehave-trap.wasm", &["trap="][..]),
+        // Fuel or the clock, whichever runs out first on this machine.
+        ("misbehave-loop.wasm", &["timeout=", "out_of_fuel="][..]),
+        ("misbehave-bad-index.wasm", &["bad_index="][..]),
+    ] {
+        let path = support::dist(module);
+        let out = run(&[
+            "strategy",
+            "test",
+            path.to_str().unwrap(),
+            "--requests",
+            "50",
+        ]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_fails_naming(&out, &[module, "faulted"]);
+        assert!(faults.iter().any(|f| stdout.contains(f)), "{module}: {stdout}");
+    }
+    let out = run(&["strategy", "test", "/nonexistent/x.wasm"]);
+    assert_fails_naming(&out, &["/nonexistent/x.wasm", "cannot read"]);
+    let out = run(&[
+        "strategy",
+        "test",
+        "round-robin",
+        "--backends",
+        "2",
+        "--weights",
+        "1,2,3",
+    ]);
+    assert_fails_naming(&out, &["--weights has 3 values but --backends is 2"]);
+}

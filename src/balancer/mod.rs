@@ -15,6 +15,7 @@
 mod builtin;
 mod native;
 mod wasm;
+pub mod workload;
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
