@@ -255,7 +255,10 @@ fn strategy_test_fails_naming_the_fault() {
         ]);
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert_fails_naming(&out, &[module, "faulted"]);
-        assert!(faults.iter().any(|f| stdout.contains(f)), "{module}: {stdout}");
+        assert!(
+            faults.iter().any(|f| stdout.contains(f)),
+            "{module}: {stdout}"
+        );
     }
     let out = run(&["strategy", "test", "/nonexistent/x.wasm"]);
     assert_fails_naming(&out, &["/nonexistent/x.wasm", "cannot read"]);
