@@ -15,7 +15,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-port_free() { python3 -c "import socket,sys; s=socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1])))" "$1" 2>/dev/null; }
+port_free() { python3 -c "import socket,sys; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('127.0.0.1', int(sys.argv[1])))" "$1" 2>/dev/null; }
 config="config.json"
 ports=(8080 8081 8082)
 if ! port_free 8080 || ! port_free 8081 || ! port_free 8082; then
@@ -33,6 +33,21 @@ for port in "${ports[1]}" "${ports[2]}"; do
     python3 -m http.server "$port" --bind 127.0.0.1 --directory "$work/$port" >/dev/null 2>&1 &
     pids+=($!)
 done
+# The backends must be up before the balancer's first health check, or it
+# rightly takes them out of rotation for a check interval (30 s here).
+python3 - "${ports[1]}" "${ports[2]}" <<'PY'
+import sys, time, urllib.request
+for port in sys.argv[1:]:
+    deadline = time.time() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).read()
+            break
+        except Exception as e:
+            if time.time() > deadline:
+                sys.exit(f"smoke: backend {port} not answering: {e}")
+            time.sleep(0.1)
+PY
 RUST_LOG=info "$BIN" --config "$config" 2> "$work/balancer.log" &
 pids+=($!)
 

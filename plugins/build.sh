@@ -97,8 +97,8 @@ check() { # component.wasm
         die "$1 does not export loadbalancer:strategy/selector"
 }
 
-# Everything goes to a staging folder first, so dist/ is only replaced whole
-# and a module dropped from the lists above leaves no stale file behind.
+# Everything goes to a staging folder first, so dist/ is only touched once
+# every module has built.
 staging="$CARGO_TARGET_DIR/dist-staging"
 rm -rf "$staging"
 mkdir -p "$staging"
@@ -123,13 +123,17 @@ for feature in "${MISBEHAVIOURS[@]}"; do
 done
 
 mkdir -p dist
-rm -f dist/*.wasm
+# Replace this script's modules (a misbehaviour dropped from the list goes
+# too); the examples' outputs belong to their own build scripts.
+for dir in "${MODULES[@]}"; do rm -f "dist/$(basename "$dir").wasm"; done
+rm -f dist/misbehave-*.wasm
 cp "$staging"/*.wasm dist/
 
 check "$CARGO_TARGET_DIR/template.wasm"
 echo
 echo "plugins/dist/ (rustc $rustc_version, wasm-tools $wasm_tools_version), all valid and import-free:"
-for file in dist/*.wasm; do
+for file in "$staging"/*.wasm; do
+    file="dist/$(basename "$file")"
     check "$file"
     printf '  %-32s %7d bytes\n' "$(basename "$file")" "$(wc -c <"$file")"
 done
