@@ -16,6 +16,23 @@ cleanup() {
 trap cleanup EXIT
 
 port_free() { python3 -c "import socket,sys; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('127.0.0.1', int(sys.argv[1])))" "$1" 2>/dev/null; }
+# Waits (30 s at most) until http://127.0.0.1:PORT/ answers.
+wait_http() {
+    python3 - "$1" <<'PY'
+import sys, time, urllib.request
+port = sys.argv[1]
+deadline = time.time() + 30
+while True:
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).read()
+        break
+    except Exception as e:
+        if time.time() > deadline:
+            sys.exit(f"smoke: nothing answers on {port}: {e}")
+        time.sleep(0.1)
+PY
+}
+
 config="config.json"
 ports=(8080 8081 8082)
 if ! port_free 8080 || ! port_free 8081 || ! port_free 8082; then
@@ -35,34 +52,15 @@ for port in "${ports[1]}" "${ports[2]}"; do
 done
 # The backends must be up before the balancer's first health check, or it
 # rightly takes them out of rotation for a check interval (30 s here).
-python3 - "${ports[1]}" "${ports[2]}" <<'PY'
-import sys, time, urllib.request
-for port in sys.argv[1:]:
-    deadline = time.time() + 30
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).read()
-            break
-        except Exception as e:
-            if time.time() > deadline:
-                sys.exit(f"smoke: backend {port} not answering: {e}")
-            time.sleep(0.1)
-PY
+wait_http "${ports[1]}"
+wait_http "${ports[2]}"
 RUST_LOG=info "$BIN" --config "$config" 2> "$work/balancer.log" &
 pids+=($!)
+wait_http "${ports[0]}"
 
 python3 - "${ports[@]}" <<'PY'
-import sys, time, urllib.request, collections
+import sys, urllib.request, collections
 lb, b1, b2 = sys.argv[1:4]
-deadline = time.time() + 30
-while True:
-    try:
-        urllib.request.urlopen(f"http://127.0.0.1:{lb}/", timeout=2).read()
-        break
-    except Exception as e:
-        if time.time() > deadline:
-            sys.exit(f"smoke: balancer not answering on {lb}: {e}")
-        time.sleep(0.2)
 counts = collections.Counter()
 for _ in range(20):
     counts[urllib.request.urlopen(f"http://127.0.0.1:{lb}/", timeout=5).read().decode().strip()] += 1

@@ -3,13 +3,15 @@
 
 mod support;
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
 use rust_load_balancer::Config;
-use support::{config_for, start_proxy, wait_until, BlackHole, Http, ResetBackend, TestBackend};
+use support::{
+    config_for, start_proxy, wait_until, BlackHole, Http, Load, ResetBackend, TestBackend,
+};
 
 fn fast_checks(config: &mut Config) {
     config.health.interval = Duration::from_millis(100);
@@ -31,22 +33,7 @@ async fn a_backend_dying_under_load_costs_no_request() {
     let http = Http::new(proxy.local_addr());
 
     // Continuous load from four clients until told to stop.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let mut clients = Vec::new();
-    for _ in 0..4 {
-        let (http, stop, ok, failed) = (http.clone(), stop.clone(), ok.clone(), failed.clone());
-        clients.push(tokio::spawn(async move {
-            while !stop.load(Ordering::SeqCst) {
-                let answer = http.get("/").await;
-                if answer.status == StatusCode::OK {
-                    ok.fetch_add(1, Ordering::SeqCst);
-                } else {
-                    failed.fetch_add(1, Ordering::SeqCst);
-                }
-            }
-        }));
-    }
+    let load = Load::start(&http, 4);
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // Stop b mid-run.
@@ -75,10 +62,7 @@ async fn a_backend_dying_under_load_costs_no_request() {
     .await;
     let others_before: usize = backends.iter().map(|x| x.hits()).sum();
     tokio::time::sleep(Duration::from_millis(600)).await;
-    stop.store(true, Ordering::SeqCst);
-    for c in clients {
-        c.await.unwrap();
-    }
+    let (ok, failed) = load.stop().await;
     let b_share = restarted.hits() - hits_before;
     let others_share: usize = backends.iter().map(|x| x.hits()).sum::<usize>() - others_before;
     assert!(b_share > 0, "b got nothing after it came back");
@@ -88,8 +72,8 @@ async fn a_backend_dying_under_load_costs_no_request() {
         "b got {b_share}, the other two {others_share}"
     );
 
-    assert_eq!(failed.load(Ordering::SeqCst), 0, "failed requests");
-    assert!(ok.load(Ordering::SeqCst) > 100);
+    assert_eq!(failed, 0, "failed requests");
+    assert!(ok > 100);
 }
 
 #[tokio::test]

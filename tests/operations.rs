@@ -5,12 +5,14 @@
 mod support;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
 use std::time::Duration;
 
 use http::StatusCode;
-use support::{config_for, dist, free_port, start_proxy, wait_until, Binary, Http, TestBackend};
+use support::{
+    config_for, dist, free_port, start_proxy, wait_until, Binary, Http, Load, TestBackend,
+};
 
 fn write_config(
     dir: &std::path::Path,
@@ -40,6 +42,43 @@ async fn admin_config(admin: &Http) -> serde_json::Value {
     serde_json::from_slice(&admin.get("/config").await.body).unwrap()
 }
 
+/// The binary on a config file naming `backends` and an admin listener.
+struct Running {
+    dir: tempfile::TempDir,
+    port: u16,
+    admin_port: u16,
+    binary: Binary,
+    http: Http,
+    admin: Http,
+}
+
+impl Running {
+    async fn start(backends: &[&TestBackend], strategy: &str) -> Running {
+        let dir = tempfile::tempdir().unwrap();
+        let (port, admin_port) = (free_port(), free_port());
+        let path = write_config(dir.path(), port, admin_port, backends, strategy);
+        Running {
+            binary: Binary::start(&path, &[], port).await,
+            http: Http::new(([127, 0, 0, 1], port).into()),
+            admin: Http::new(([127, 0, 0, 1], admin_port).into()),
+            dir,
+            port,
+            admin_port,
+        }
+    }
+
+    /// Rewrites the config file with another strategy; returns its path.
+    fn rewrite(&self, backends: &[&TestBackend], strategy: &str) -> std::path::PathBuf {
+        write_config(
+            self.dir.path(),
+            self.port,
+            self.admin_port,
+            backends,
+            strategy,
+        )
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_swaps_the_strategy_under_load_without_a_failed_request() {
     let backends = [
@@ -48,26 +87,8 @@ async fn sighup_swaps_the_strategy_under_load_without_a_failed_request() {
         TestBackend::start("b2").await,
     ];
     let refs: Vec<&TestBackend> = backends.iter().collect();
-    let dir = tempfile::tempdir().unwrap();
-    let (port, admin_port) = (free_port(), free_port());
-    let path = write_config(dir.path(), port, admin_port, &refs, "round-robin");
-    let binary = Binary::start(&path, &[], port).await;
-    let http = Http::new(([127, 0, 0, 1], port).into());
-    let admin = Http::new(([127, 0, 0, 1], admin_port).into());
-
-    let stop = Arc::new(AtomicBool::new(false));
-    let failed = Arc::new(AtomicUsize::new(0));
-    let mut clients = Vec::new();
-    for _ in 0..4 {
-        let (http, stop, failed) = (http.clone(), stop.clone(), failed.clone());
-        clients.push(tokio::spawn(async move {
-            while !stop.load(Ordering::SeqCst) {
-                if http.get("/").await.status != StatusCode::OK {
-                    failed.fetch_add(1, Ordering::SeqCst);
-                }
-            }
-        }));
-    }
+    let running = Running::start(&refs, "round-robin").await;
+    let load = Load::start(&running.http, 4);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
         backends.iter().all(|b| b.hits() > 0),
@@ -76,23 +97,17 @@ async fn sighup_swaps_the_strategy_under_load_without_a_failed_request() {
 
     // Edit the config to a custom module and send SIGHUP.
     let module = dist("pick-last.wasm");
-    write_config(
-        dir.path(),
-        port,
-        admin_port,
-        &refs,
-        module.to_str().unwrap(),
-    );
-    binary.signal("HUP");
+    running.rewrite(&refs, module.to_str().unwrap());
+    running.binary.signal("HUP");
     let mut reloaded = false;
     for _ in 0..200 {
-        if admin_config(&admin).await["strategy"] == module.to_str().unwrap() {
+        if admin_config(&running.admin).await["strategy"] == module.to_str().unwrap() {
             reloaded = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(reloaded, "no reload: {}", binary.log());
+    assert!(reloaded, "no reload: {}", running.binary.log());
 
     // Every request that starts after the swap follows the new strategy.
     let before: Vec<usize> = backends.iter().map(|b| b.hits()).collect();
@@ -105,14 +120,15 @@ async fn sighup_swaps_the_strategy_under_load_without_a_failed_request() {
         "{before:?} -> {after:?}"
     );
     for _ in 0..20 {
-        assert_eq!(http.get("/").await.text(), "b2");
+        assert_eq!(running.http.get("/").await.text(), "b2");
     }
-    stop.store(true, Ordering::SeqCst);
-    for c in clients {
-        c.await.unwrap();
-    }
-    assert_eq!(failed.load(Ordering::SeqCst), 0);
-    assert!(binary.log().contains("config reloaded"), "{}", binary.log());
+    let (ok, failed) = load.stop().await;
+    assert_eq!(failed, 0, "failed requests ({ok} answered)");
+    assert!(
+        running.binary.log().contains("config reloaded"),
+        "{}",
+        running.binary.log()
+    );
 }
 
 #[tokio::test]
@@ -122,15 +138,11 @@ async fn a_bad_reload_keeps_the_old_config_and_is_counted() {
         TestBackend::start("b1").await,
     ];
     let refs: Vec<&TestBackend> = backends.iter().collect();
-    let dir = tempfile::tempdir().unwrap();
-    let (port, admin_port) = (free_port(), free_port());
-    let path = write_config(dir.path(), port, admin_port, &refs, "round-robin");
-    let binary = Binary::start(&path, &[], port).await;
-    let http = Http::new(([127, 0, 0, 1], port).into());
-    let admin = Http::new(([127, 0, 0, 1], admin_port).into());
+    let running = Running::start(&refs, "round-robin").await;
+    let (binary, http, admin) = (&running.binary, &running.http, &running.admin);
 
     // A module that does not exist, by SIGHUP.
-    write_config(dir.path(), port, admin_port, &refs, "gone.wasm");
+    let path = running.rewrite(&refs, "gone.wasm");
     binary.signal("HUP");
     let log_has = |needle: &str| binary.log().contains(needle);
     wait_until("the rejection logged", Duration::from_secs(10), || {
