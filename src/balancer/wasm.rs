@@ -182,7 +182,7 @@ impl WasmStrategy {
             path: path.to_path_buf(),
             source,
         })?;
-        let component = compile(&bytes, path)?;
+        let component = compile_cached(&bytes, path)?;
         WasmStrategy::new(path.display().to_string(), &component, path, limits)
     }
 
@@ -344,9 +344,48 @@ fn classify(error: wasmtime::Error, store: &Store<Guest>) -> StrategyError {
     }
 }
 
+/// Most compiled modules kept for reuse: the built-ins and a few custom ones.
+const MAX_CACHED_COMPONENTS: usize = 16;
+
+/// Compiles component bytes at most once per process: a reload of an
+/// unchanged module (a large JavaScript one takes seconds to compile) or a
+/// built-in used twice reuses the machine code. Keyed by the bytes' hash
+/// and length, checked against the bytes themselves.
+pub(super) fn compile_cached(bytes: &[u8], path: &Path) -> Result<Component, LoadError> {
+    use std::collections::hash_map::DefaultHasher;
+    use std::hash::{Hash, Hasher};
+    type Cache = Vec<(u64, std::sync::Arc<[u8]>, Component)>;
+    static CACHE: OnceLock<Mutex<Cache>> = OnceLock::new();
+
+    let mut hasher = DefaultHasher::new();
+    bytes.hash(&mut hasher);
+    let key = hasher.finish();
+    let cache = CACHE.get_or_init(Default::default);
+    let lookup = |cache: &Cache| {
+        cache
+            .iter()
+            .find(|(k, b, _)| *k == key && **b == *bytes)
+            .map(|(_, _, c)| c.clone())
+    };
+    if let Some(component) = lookup(&cache.lock().unwrap_or_else(|e| e.into_inner())) {
+        return Ok(component);
+    }
+    // Compile outside the lock: a slow compilation must not hold up a
+    // lookup of another module.
+    let component = compile(bytes, path)?;
+    let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+    if lookup(&cache).is_none() {
+        if cache.len() >= MAX_CACHED_COMPONENTS {
+            cache.remove(0);
+        }
+        cache.push((key, bytes.into(), component.clone()));
+    }
+    Ok(component)
+}
+
 /// Compiles component bytes, telling a core module or garbage apart from a
 /// component that fails to compile.
-pub(super) fn compile(bytes: &[u8], path: &Path) -> Result<Component, LoadError> {
+fn compile(bytes: &[u8], path: &Path) -> Result<Component, LoadError> {
     // The preamble: magic, then a version and layer; layer 1 is a component.
     const MAGIC: &[u8] = b"\0asm";
     if bytes.len() >= 8 && bytes.starts_with(MAGIC) && bytes[6..8] == [0, 0] {
