@@ -60,14 +60,8 @@ fn shipped() -> Vec<(String, Algorithm, Arc<dyn Strategy>)> {
         ("c-round-robin.wasm", Algorithm::RoundRobin),
         ("js-weighted.wasm", Algorithm::Weighted),
     ] {
-        let path = support::dist(file);
-        if path.exists() {
-            modules.push((
-                file.into(),
-                algorithm,
-                Arc::new(WasmStrategy::from_file(&path, limits).unwrap()),
-            ));
-        }
+        let strategy = WasmStrategy::from_file(&support::dist(file), limits).unwrap();
+        modules.push((file.into(), algorithm, Arc::new(strategy)));
     }
     modules
 }

@@ -234,3 +234,49 @@ async fn a_component_without_the_selector_export_is_refused_at_start() {
         "{error}"
     );
 }
+
+#[tokio::test]
+async fn the_c_example_spreads_sequential_requests_exactly_evenly() {
+    let backends = backends(3).await;
+    let proxy = start_proxy(with_strategy(
+        &backends,
+        StrategySource::Path(dist("c-round-robin.wasm")),
+    ))
+    .await;
+    let http = Http::new(proxy.local_addr());
+    for _ in 0..300 {
+        assert_eq!(http.get("/").await.status, StatusCode::OK);
+    }
+    let hits: Vec<usize> = backends.iter().map(|b| b.hits()).collect();
+    assert_eq!(hits, [100, 100, 100]);
+    let state = proxy.state();
+    assert_eq!(
+        FaultKind::ALL
+            .iter()
+            .map(|k| state.balancer().faults(*k))
+            .sum::<u64>(),
+        0
+    );
+}
+
+#[tokio::test]
+async fn the_javascript_example_gives_weights_3_1_exactly() {
+    let backends = backends(2).await;
+    let mut config = with_strategy(&backends, StrategySource::Path(dist("js-weighted.wasm")));
+    config.backends[0].weight = 3;
+    let proxy = start_proxy(config).await;
+    let http = Http::new(proxy.local_addr());
+    for _ in 0..400 {
+        assert_eq!(http.get("/").await.status, StatusCode::OK);
+    }
+    let hits: Vec<usize> = backends.iter().map(|b| b.hits()).collect();
+    assert_eq!(hits, [300, 100]);
+    let state = proxy.state();
+    assert_eq!(
+        FaultKind::ALL
+            .iter()
+            .map(|k| state.balancer().faults(*k))
+            .sum::<u64>(),
+        0
+    );
+}
