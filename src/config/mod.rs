@@ -43,6 +43,14 @@ pub const DEFAULT_MAX_RETRIES: u32 = 2;
 
 /// Default `shutdown_timeout`, in seconds.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: f64 = 30.0;
+/// Default `client_header_timeout`, in seconds.
+pub const DEFAULT_CLIENT_HEADER_TIMEOUT: f64 = 10.0;
+/// Default `request_timeout`, in seconds (as nginx's `proxy_read_timeout`).
+pub const DEFAULT_REQUEST_TIMEOUT: f64 = 60.0;
+/// Default `max_request_header_kib`.
+pub const DEFAULT_MAX_REQUEST_HEADER_KIB: u32 = 64;
+/// Default `max_connections`.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
 
 /// The names of the strategies built into the binary.
 pub const BUILTIN_STRATEGIES: [&str; 3] =
@@ -69,6 +77,36 @@ pub struct Config {
     pub access_log: bool,
     /// How long requests in flight may take to finish after a stop signal.
     pub shutdown_timeout: Duration,
+    /// Limits on what clients may do.
+    pub clients: ClientLimits,
+}
+
+/// Limits on client connections and requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientLimits {
+    /// Time a client has to send a whole request head, counted from when
+    /// the connection starts waiting for one (so it also bounds how long an
+    /// idle keep-alive connection is kept).
+    pub header_timeout: Duration,
+    /// Time a backend has to start answering once the request is sent.
+    pub request_timeout: Duration,
+    /// Largest request head (request line and headers), in bytes.
+    pub max_header_bytes: usize,
+    /// Most client connections open at once.
+    pub max_connections: usize,
+}
+
+impl Default for ClientLimits {
+    /// Defaults: 10 s for the head, 60 s for the backend, 64 KiB of head,
+    /// 10,000 connections.
+    fn default() -> Self {
+        ClientLimits {
+            header_timeout: Duration::from_secs_f64(DEFAULT_CLIENT_HEADER_TIMEOUT),
+            request_timeout: Duration::from_secs_f64(DEFAULT_REQUEST_TIMEOUT),
+            max_header_bytes: (DEFAULT_MAX_REQUEST_HEADER_KIB as usize) << 10,
+            max_connections: DEFAULT_MAX_CONNECTIONS as usize,
+        }
+    }
 }
 
 /// One configured backend.
@@ -249,6 +287,7 @@ impl Config {
             admin_address: None,
             access_log: false,
             shutdown_timeout: Duration::from_secs_f64(DEFAULT_SHUTDOWN_TIMEOUT),
+            clients: ClientLimits::default(),
         }
     }
 
@@ -277,6 +316,10 @@ impl Config {
             "admin_address": self.admin_address.map(|a| a.to_string()),
             "access_log": self.access_log,
             "shutdown_timeout": self.shutdown_timeout.as_secs_f64(),
+            "client_header_timeout": self.clients.header_timeout.as_secs_f64(),
+            "request_timeout": self.clients.request_timeout.as_secs_f64(),
+            "max_request_header_kib": self.clients.max_header_bytes >> 10,
+            "max_connections": self.clients.max_connections,
         })
     }
 
@@ -446,6 +489,16 @@ impl RawConfig {
             ));
         }
 
+        let max_header_kib = self
+            .max_request_header_kib
+            .unwrap_or(DEFAULT_MAX_REQUEST_HEADER_KIB);
+        if !(8..=1024).contains(&max_header_kib) {
+            return Err(invalid(
+                "max_request_header_kib",
+                format!("must be from 8 to 1024, got {max_header_kib}"),
+            ));
+        }
+
         Ok(Config {
             listen_address,
             backends,
@@ -468,6 +521,24 @@ impl RawConfig {
                 self.shutdown_timeout,
                 DEFAULT_SHUTDOWN_TIMEOUT,
             )?,
+            clients: ClientLimits {
+                header_timeout: seconds(
+                    "client_header_timeout",
+                    self.client_header_timeout,
+                    DEFAULT_CLIENT_HEADER_TIMEOUT,
+                )?,
+                request_timeout: seconds(
+                    "request_timeout",
+                    self.request_timeout,
+                    DEFAULT_REQUEST_TIMEOUT,
+                )?,
+                max_header_bytes: (max_header_kib as usize) << 10,
+                max_connections: at_least_one(
+                    "max_connections",
+                    self.max_connections,
+                    DEFAULT_MAX_CONNECTIONS,
+                )? as usize,
+            },
         })
     }
 }

@@ -26,6 +26,10 @@ pub(super) struct RawConfig {
     pub admin_address: Option<String>,
     pub access_log: Option<bool>,
     pub shutdown_timeout: Option<f64>,
+    pub client_header_timeout: Option<f64>,
+    pub request_timeout: Option<f64>,
+    pub max_request_header_kib: Option<u32>,
+    pub max_connections: Option<u32>,
 }
 
 /// A backend: `"host:port"`, or `{"address": "host:port", "weight": 3}`.

@@ -108,7 +108,35 @@ async fn forward(
 
         let guard = backend.track();
         let sent = Instant::now();
-        match state.client.request(upstream).await {
+        let answer = tokio::time::timeout(
+            state.config.clients.request_timeout,
+            state.client.request(upstream),
+        )
+        .await;
+        let answer = match answer {
+            Ok(answer) => answer,
+            Err(_) => {
+                // Sent, and no answer: not safe to send again, and the
+                // backend is struggling.
+                drop(guard);
+                let reason = format!(
+                    "no response within request_timeout ({:?})",
+                    state.config.clients.request_timeout
+                );
+                state.passive_failure(backend, &reason);
+                shared
+                    .metrics
+                    .record_upstream_error(backend.address(), "timeout", false);
+                tracing::warn!(
+                    backend = backend.address(),
+                    method = %parts.method,
+                    path = %path_and_query,
+                    "upstream request failed: {reason}"
+                );
+                return Err(ProxyError::Timeout);
+            }
+        };
+        match answer {
             Ok(response) => {
                 backend.record_latency(sent.elapsed());
                 let health = &state.config.health;

@@ -21,6 +21,7 @@ use std::cell::RefCell;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -49,6 +50,8 @@ use crate::throttle::LogThrottle;
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Idle connections kept per backend.
 const POOL_MAX_IDLE_PER_HOST: usize = 256;
+/// hyper's smallest read buffer.
+const MIN_HEADER_BUFFER: usize = 8192;
 
 /// The upstream client: hyper-util's pooled client, keep-alive per backend.
 pub type UpstreamClient = Client<HttpConnector, RequestBody>;
@@ -206,6 +209,10 @@ pub(crate) struct Shared {
     /// Throttles the "no healthy backend" warning, which would otherwise
     /// come once per request during an outage.
     outage_log: LogThrottle,
+    /// Client connections open now.
+    open_connections: AtomicUsize,
+    /// Throttles the "max_connections reached" warning.
+    busy_log: LogThrottle,
 }
 
 impl Shared {
@@ -325,6 +332,8 @@ impl Proxy {
             reload_lock: tokio::sync::Mutex::new(()),
             checker: Mutex::new(None),
             outage_log: LogThrottle::new(Duration::from_secs(1)),
+            open_connections: AtomicUsize::new(0),
+            busy_log: LogThrottle::new(Duration::from_secs(1)),
         });
         shared.install(shared.state.load_full());
         let (shutdown, signal) = watch::channel(None);
@@ -408,7 +417,20 @@ async fn serve(
     let timeout = loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => serve_connection(stream, peer, &shared, &graceful),
+                Ok((stream, peer)) => {
+                    let limit = shared.state.load().config.clients.max_connections;
+                    match ConnectionSlot::take(&shared, limit) {
+                        Some(slot) => serve_connection(stream, peer, slot, &shared, &graceful),
+                        // Closed at once; the connections already open are
+                        // not disturbed.
+                        None => {
+                            drop(stream);
+                            if let Some(suppressed) = shared.busy_log.allow() {
+                                tracing::warn!(suppressed, "max_connections ({limit}) reached: closing new connections");
+                            }
+                        }
+                    }
+                }
                 Err(error) => {
                     // Out of descriptors or a connection reset before accept:
                     // back off briefly instead of spinning, keep serving.
@@ -432,13 +454,35 @@ async fn serve(
     }
 }
 
+/// One of the `max_connections` places; given back when dropped.
+struct ConnectionSlot(Arc<Shared>);
+
+impl ConnectionSlot {
+    fn take(shared: &Arc<Shared>, limit: usize) -> Option<ConnectionSlot> {
+        let open = shared.open_connections.fetch_add(1, Ordering::Relaxed);
+        if open >= limit {
+            shared.open_connections.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(ConnectionSlot(Arc::clone(shared)))
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.open_connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
+    slot: ConnectionSlot,
     shared: &Arc<Shared>,
     graceful: &GracefulShutdown,
 ) {
     let _ = stream.set_nodelay(true);
+    let limits = shared.state.load().config.clients;
     let shared = Arc::clone(shared);
     let service = service_fn(move |request| {
         let shared = Arc::clone(&shared);
@@ -447,11 +491,17 @@ fn serve_connection(
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .keep_alive(true)
+        // Starts when the connection waits for a request head, so it cuts
+        // off slow senders (slowloris) and idle keep-alive connections alike.
+        .header_read_timeout(limits.header_timeout)
+        // A head that does not fit is answered 431 by hyper.
+        .max_buf_size(limits.max_header_bytes.max(MIN_HEADER_BUFFER))
         .serve_connection(TokioIo::new(stream), service);
     let connection = graceful.watch(connection);
     tokio::spawn(async move {
         if let Err(error) = connection.await {
             tracing::debug!(%peer, "client connection ended: {error}");
         }
+        drop(slot);
     });
 }
