@@ -249,3 +249,33 @@ async fn content_length_with_transfer_encoding_cannot_smuggle_a_request() {
         "the body ended at the last chunk"
     );
 }
+
+#[tokio::test]
+async fn a_module_importing_wasi_gets_no_environment_files_network_or_clock() {
+    // snoop.wasm is built for wasm32-wasip2, so it imports WASI. On every
+    // call it tries to read an env var, /etc/passwd and /, to connect a
+    // socket and to read the clock; had anything worked it would answer
+    // position 0 every time. The host grants no import: each attempt traps,
+    // the request is served by round robin, and the module never learns a
+    // thing.
+    let backends = [
+        TestBackend::start("b0").await,
+        TestBackend::start("b1").await,
+    ];
+    let mut config = config_for(&backends.iter().collect::<Vec<_>>());
+    config.strategy = rust_load_balancer::config::StrategySource::Path(support::dist("snoop.wasm"));
+    let proxy = start_proxy(config).await;
+    let http = Http::new(proxy.local_addr());
+    for _ in 0..20 {
+        assert_eq!(http.get("/").await.status, StatusCode::OK);
+    }
+    assert!(
+        backends[1].hits() >= 9,
+        "requests went where a snooping module sends them"
+    );
+    let state = proxy.state();
+    let traps = state
+        .balancer()
+        .faults(rust_load_balancer::balancer::FaultKind::Trap);
+    assert!(traps >= 1, "the WASI calls must trap");
+}
