@@ -27,6 +27,24 @@ fn with_strategy(backends: &[TestBackend], strategy: StrategySource) -> Config {
     config
 }
 
+/// Sends `requests` sequential `GET /` through a balancer on `config`,
+/// checks each is answered 200 and that the strategy never faulted, and
+/// returns how many each backend received.
+async fn sequential_hits(config: Config, backends: &[TestBackend], requests: usize) -> Vec<usize> {
+    let proxy = start_proxy(config).await;
+    let http = Http::new(proxy.local_addr());
+    for _ in 0..requests {
+        assert_eq!(http.get("/").await.status, StatusCode::OK);
+    }
+    let state = proxy.state();
+    let faults: u64 = FaultKind::ALL
+        .iter()
+        .map(|k| state.balancer().faults(*k))
+        .sum();
+    assert_eq!(faults, 0, "{}", state.config().strategy);
+    backends.iter().map(|b| b.hits()).collect()
+}
+
 fn builtin(name: &str) -> StrategySource {
     StrategySource::Builtin(name.into())
 }
@@ -38,13 +56,10 @@ async fn weights_5_1_1_give_exactly_500_100_100() {
     for (b, w) in config.backends.iter_mut().zip([5, 1, 1]) {
         b.weight = w;
     }
-    let proxy = start_proxy(config).await;
-    let http = Http::new(proxy.local_addr());
-    for _ in 0..700 {
-        assert_eq!(http.get("/").await.status, StatusCode::OK);
-    }
-    let hits: Vec<usize> = backends.iter().map(|b| b.hits()).collect();
-    assert_eq!(hits, [500, 100, 100]);
+    assert_eq!(
+        sequential_hits(config, &backends, 700).await,
+        [500, 100, 100]
+    );
 }
 
 /// Sends `workers` x `each` requests, `workers` at a time.
@@ -238,24 +253,10 @@ async fn a_component_without_the_selector_export_is_refused_at_start() {
 #[tokio::test]
 async fn the_c_example_spreads_sequential_requests_exactly_evenly() {
     let backends = backends(3).await;
-    let proxy = start_proxy(with_strategy(
-        &backends,
-        StrategySource::Path(dist("c-round-robin.wasm")),
-    ))
-    .await;
-    let http = Http::new(proxy.local_addr());
-    for _ in 0..300 {
-        assert_eq!(http.get("/").await.status, StatusCode::OK);
-    }
-    let hits: Vec<usize> = backends.iter().map(|b| b.hits()).collect();
-    assert_eq!(hits, [100, 100, 100]);
-    let state = proxy.state();
+    let config = with_strategy(&backends, StrategySource::Path(dist("c-round-robin.wasm")));
     assert_eq!(
-        FaultKind::ALL
-            .iter()
-            .map(|k| state.balancer().faults(*k))
-            .sum::<u64>(),
-        0
+        sequential_hits(config, &backends, 300).await,
+        [100, 100, 100]
     );
 }
 
@@ -264,19 +265,5 @@ async fn the_javascript_example_gives_weights_3_1_exactly() {
     let backends = backends(2).await;
     let mut config = with_strategy(&backends, StrategySource::Path(dist("js-weighted.wasm")));
     config.backends[0].weight = 3;
-    let proxy = start_proxy(config).await;
-    let http = Http::new(proxy.local_addr());
-    for _ in 0..400 {
-        assert_eq!(http.get("/").await.status, StatusCode::OK);
-    }
-    let hits: Vec<usize> = backends.iter().map(|b| b.hits()).collect();
-    assert_eq!(hits, [300, 100]);
-    let state = proxy.state();
-    assert_eq!(
-        FaultKind::ALL
-            .iter()
-            .map(|k| state.balancer().faults(*k))
-            .sum::<u64>(),
-        0
-    );
+    assert_eq!(sequential_hits(config, &backends, 400).await, [300, 100]);
 }
