@@ -148,6 +148,16 @@ async fn accept_loop(listener: TcpListener, name: String, state: Arc<BackendStat
 
 type TestBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
+/// The whole request body (empty if the client broke off).
+async fn read_body(request: Request<Incoming>) -> Bytes {
+    request
+        .into_body()
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default()
+}
+
 async fn respond(
     request: Request<Incoming>,
     name: &str,
@@ -174,22 +184,9 @@ async fn respond(
         r
     };
     match request.uri().path() {
-        "/echo" => {
-            let body = request
-                .into_body()
-                .collect()
-                .await
-                .map(|c| c.to_bytes())
-                .unwrap_or_default();
-            full(StatusCode::OK, body)
-        }
+        "/echo" => full(StatusCode::OK, read_body(request).await),
         "/record" => {
-            let body = request
-                .into_body()
-                .collect()
-                .await
-                .map(|c| c.to_bytes())
-                .unwrap_or_default();
+            let body = read_body(request).await;
             state.recorded.lock().unwrap().push(body);
             full(StatusCode::OK, Bytes::from(name.to_string()))
         }
