@@ -117,7 +117,10 @@ fn main() -> ExitCode {
         };
     }
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // This runtime runs signals, health checks, reloads and the admin API;
+    // client traffic is served by the proxy's worker threads, each with its
+    // own event loop.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

@@ -38,6 +38,7 @@ pub fn load(
     Ok(Arc::new(match source {
         StrategySource::Builtin(name) => WasmStrategy::builtin(name, limits)?,
         StrategySource::Path(path) => WasmStrategy::from_file(path, limits)?,
+        StrategySource::Native(name) => return Ok(native::by_name(name)),
     }))
 }
 

@@ -3,7 +3,20 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use std::sync::Arc;
+
 use super::{BackendView, Strategy, StrategyError};
+
+/// The native twin named `name` (one of
+/// [`NATIVE_STRATEGIES`](crate::config::NATIVE_STRATEGIES)); round robin for
+/// any other name.
+pub fn by_name(name: &str) -> Arc<dyn Strategy> {
+    match name {
+        "native:least-connections" => Arc::new(LeastConnections::default()),
+        "native:weighted-round-robin" => Arc::new(WeightedRoundRobin::default()),
+        _ => Arc::new(RoundRobin::default()),
+    }
+}
 
 /// Exact round robin over whatever list it is given: the n-th call answers
 /// `n % len`.

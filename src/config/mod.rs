@@ -51,10 +51,29 @@ pub const DEFAULT_REQUEST_TIMEOUT: f64 = 60.0;
 pub const DEFAULT_MAX_REQUEST_HEADER_KIB: u32 = 64;
 /// Default `max_connections`.
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
+/// Default `client_keepalive_timeout`, in seconds (as nginx's
+/// `keepalive_timeout`).
+pub const DEFAULT_CLIENT_KEEPALIVE_TIMEOUT: f64 = 75.0;
+/// Default `listen_backlog` (as tokio's and HAProxy's).
+pub const DEFAULT_LISTEN_BACKLOG: u32 = 1024;
+/// Default `upstream_keepalive`: idle connections kept per backend and
+/// worker thread.
+pub const DEFAULT_UPSTREAM_KEEPALIVE: u32 = 128;
+/// Default `upstream_idle_timeout`, in seconds.
+pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: f64 = 60.0;
+/// Most worker threads accepted.
+pub const MAX_WORKER_THREADS: u32 = 256;
 
 /// The names of the strategies built into the binary.
 pub const BUILTIN_STRATEGIES: [&str; 3] =
     ["round-robin", "least-connections", "weighted-round-robin"];
+
+/// Host-compiled twins of the built-ins, for measuring the sandbox's cost.
+pub const NATIVE_STRATEGIES: [&str; 3] = [
+    "native:round-robin",
+    "native:least-connections",
+    "native:weighted-round-robin",
+];
 
 /// A validated configuration: what the runtime is built from.
 #[derive(Debug, Clone, PartialEq)]
@@ -79,15 +98,54 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Limits on what clients may do.
     pub clients: ClientLimits,
+    /// Threads, sockets and pools.
+    pub tuning: Tuning,
+}
+
+/// How the proxy uses threads, sockets and upstream connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tuning {
+    /// Threads that accept and serve client connections, each with its own
+    /// event loop and upstream pool.
+    pub worker_threads: usize,
+    /// The listen socket's accept queue length.
+    pub listen_backlog: u32,
+    /// Whether `TCP_NODELAY` is set on client and backend connections.
+    pub tcp_nodelay: bool,
+    /// Idle keep-alive connections kept per backend and worker thread.
+    pub upstream_keepalive: usize,
+    /// How long an idle upstream connection is kept.
+    pub upstream_idle_timeout: Duration,
+}
+
+impl Default for Tuning {
+    /// Defaults: one worker per CPU, backlog 1024, `TCP_NODELAY` on, 128
+    /// idle upstream connections per backend and worker, kept 60 s.
+    fn default() -> Self {
+        Tuning {
+            worker_threads: default_worker_threads(),
+            listen_backlog: DEFAULT_LISTEN_BACKLOG,
+            tcp_nodelay: true,
+            upstream_keepalive: DEFAULT_UPSTREAM_KEEPALIVE as usize,
+            upstream_idle_timeout: Duration::from_secs_f64(DEFAULT_UPSTREAM_IDLE_TIMEOUT),
+        }
+    }
+}
+
+/// The number of CPUs this process may run on (at least 1).
+pub fn default_worker_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// Limits on client connections and requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientLimits {
-    /// Time a client has to send a whole request head, counted from when
-    /// the connection starts waiting for one (so it also bounds how long an
-    /// idle keep-alive connection is kept).
+    /// Time a client has to send a whole request head, counted from its
+    /// first byte.
     pub header_timeout: Duration,
+    /// How long a connection may wait for the first byte of its next
+    /// request (after accept, or after the previous response).
+    pub keepalive_timeout: Duration,
     /// Time a backend has to start answering once the request is sent.
     pub request_timeout: Duration,
     /// Largest request head (request line and headers), in bytes.
@@ -97,11 +155,12 @@ pub struct ClientLimits {
 }
 
 impl Default for ClientLimits {
-    /// Defaults: 10 s for the head, 60 s for the backend, 64 KiB of head,
-    /// 10,000 connections.
+    /// Defaults: 10 s for the head, 75 s idle, 60 s for the backend, 64 KiB
+    /// of head, 10,000 connections.
     fn default() -> Self {
         ClientLimits {
             header_timeout: Duration::from_secs_f64(DEFAULT_CLIENT_HEADER_TIMEOUT),
+            keepalive_timeout: Duration::from_secs_f64(DEFAULT_CLIENT_KEEPALIVE_TIMEOUT),
             request_timeout: Duration::from_secs_f64(DEFAULT_REQUEST_TIMEOUT),
             max_header_bytes: (DEFAULT_MAX_REQUEST_HEADER_KIB as usize) << 10,
             max_connections: DEFAULT_MAX_CONNECTIONS as usize,
@@ -126,6 +185,10 @@ pub enum StrategySource {
     /// A `.wasm` component on disk (relative paths already resolved against
     /// the config file's folder).
     Path(PathBuf),
+    /// One of [`NATIVE_STRATEGIES`]: the same algorithm compiled into the
+    /// host, outside the sandbox. A measuring aid (how much the wasm call
+    /// costs), not a way to extend the balancer.
+    Native(String),
 }
 
 impl fmt::Display for StrategySource {
@@ -133,6 +196,7 @@ impl fmt::Display for StrategySource {
         match self {
             StrategySource::Builtin(name) => f.write_str(name),
             StrategySource::Path(path) => write!(f, "{}", path.display()),
+            StrategySource::Native(name) => f.write_str(name),
         }
     }
 }
@@ -288,6 +352,7 @@ impl Config {
             access_log: false,
             shutdown_timeout: Duration::from_secs_f64(DEFAULT_SHUTDOWN_TIMEOUT),
             clients: ClientLimits::default(),
+            tuning: Tuning::default(),
         }
     }
 
@@ -320,6 +385,12 @@ impl Config {
             "request_timeout": self.clients.request_timeout.as_secs_f64(),
             "max_request_header_kib": self.clients.max_header_bytes >> 10,
             "max_connections": self.clients.max_connections,
+            "client_keepalive_timeout": self.clients.keepalive_timeout.as_secs_f64(),
+            "worker_threads": self.tuning.worker_threads,
+            "listen_backlog": self.tuning.listen_backlog,
+            "tcp_nodelay": self.tuning.tcp_nodelay,
+            "upstream_keepalive": self.tuning.upstream_keepalive,
+            "upstream_idle_timeout": self.tuning.upstream_idle_timeout.as_secs_f64(),
         })
     }
 
@@ -499,6 +570,37 @@ impl RawConfig {
             ));
         }
 
+        let worker_threads = match self.worker_threads {
+            None => default_worker_threads(),
+            Some(n) if (1..=MAX_WORKER_THREADS).contains(&n) => n as usize,
+            Some(n) => {
+                return Err(invalid(
+                    "worker_threads",
+                    format!("must be from 1 to {MAX_WORKER_THREADS}, got {n}"),
+                ))
+            }
+        };
+        let listen_backlog = self.listen_backlog.unwrap_or(DEFAULT_LISTEN_BACKLOG);
+        if !(1..=65_535).contains(&listen_backlog) {
+            return Err(invalid(
+                "listen_backlog",
+                format!("must be from 1 to 65535, got {listen_backlog}"),
+            ));
+        }
+        let tuning = Tuning {
+            worker_threads,
+            listen_backlog,
+            tcp_nodelay: self.tcp_nodelay.unwrap_or(true),
+            upstream_keepalive: self
+                .upstream_keepalive
+                .unwrap_or(DEFAULT_UPSTREAM_KEEPALIVE) as usize,
+            upstream_idle_timeout: seconds(
+                "upstream_idle_timeout",
+                self.upstream_idle_timeout,
+                DEFAULT_UPSTREAM_IDLE_TIMEOUT,
+            )?,
+        };
+
         Ok(Config {
             listen_address,
             backends,
@@ -527,6 +629,11 @@ impl RawConfig {
                     self.client_header_timeout,
                     DEFAULT_CLIENT_HEADER_TIMEOUT,
                 )?,
+                keepalive_timeout: seconds(
+                    "client_keepalive_timeout",
+                    self.client_keepalive_timeout,
+                    DEFAULT_CLIENT_KEEPALIVE_TIMEOUT,
+                )?,
                 request_timeout: seconds(
                     "request_timeout",
                     self.request_timeout,
@@ -539,6 +646,7 @@ impl RawConfig {
                     DEFAULT_MAX_CONNECTIONS,
                 )? as usize,
             },
+            tuning,
         })
     }
 }
@@ -582,6 +690,9 @@ fn parse_strategy(value: &str, config_path: &Path) -> Result<StrategySource, Str
     let value = value.trim();
     if BUILTIN_STRATEGIES.contains(&value) {
         return Ok(StrategySource::Builtin(value.to_string()));
+    }
+    if NATIVE_STRATEGIES.contains(&value) {
+        return Ok(StrategySource::Native(value.to_string()));
     }
     if value.ends_with(".wasm") {
         let path = Path::new(value);

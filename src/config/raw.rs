@@ -30,6 +30,12 @@ pub(super) struct RawConfig {
     pub request_timeout: Option<f64>,
     pub max_request_header_kib: Option<u32>,
     pub max_connections: Option<u32>,
+    pub client_keepalive_timeout: Option<f64>,
+    pub worker_threads: Option<u32>,
+    pub listen_backlog: Option<u32>,
+    pub tcp_nodelay: Option<bool>,
+    pub upstream_keepalive: Option<u32>,
+    pub upstream_idle_timeout: Option<f64>,
 }
 
 /// A backend: `"host:port"`, or `{"address": "host:port", "weight": 3}`.

@@ -18,6 +18,7 @@ use http::Method;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use super::upstream::UpstreamBody;
 use crate::metrics::{Metrics, NO_BACKEND};
 use crate::server::ConnectionGuard;
 
@@ -86,6 +87,15 @@ impl BodySlot {
             }
         };
         Some(RequestBody { kind })
+    }
+}
+
+impl RequestBody {
+    /// A request without a body.
+    pub fn empty() -> RequestBody {
+        RequestBody {
+            kind: RequestKind::Empty,
+        }
     }
 }
 
@@ -202,13 +212,13 @@ pub struct ResponseBody {
 
 #[derive(Debug)]
 enum ResponseKind {
-    Upstream(Incoming),
+    Upstream(UpstreamBody),
     Full(Option<Bytes>),
 }
 
 impl ResponseBody {
     /// Streams `body` from a backend.
-    pub fn upstream(body: Incoming) -> ResponseBody {
+    pub fn upstream(body: UpstreamBody) -> ResponseBody {
         ResponseBody {
             kind: ResponseKind::Upstream(body),
             completion: None,
@@ -237,12 +247,12 @@ impl ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = std::io::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         let this = self.get_mut();
         let polled = match &mut this.kind {
             ResponseKind::Upstream(body) => Pin::new(body).poll_frame(cx),

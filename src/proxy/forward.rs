@@ -1,17 +1,17 @@
 //! Forwarding one request: pick a backend, send, stream the answer back,
 //! retry on another backend when that is safe.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use http::header::{HeaderValue, HOST};
-use http::{Method, Request, Response, Uri, Version};
+use http::{Method, Request, Response};
 use hyper::body::Incoming;
 
 use super::body::{BodySlot, Completion, ResponseBody};
 use super::error::{describe, ProxyError};
-use super::headers::{add_forwarded, remove_hop_by_hop};
+use super::headers::{add_forwarded_for, remove_hop_by_hop};
+use super::upstream::{self, Limits, RequestHead};
 use super::{Shared, State};
 use crate::server::ConnectionGuard;
 
@@ -28,7 +28,7 @@ fn is_idempotent(method: &Method) -> bool {
 /// arrived; a reload meanwhile does not affect it.
 pub(super) async fn handle(
     shared: Arc<Shared>,
-    client: SocketAddr,
+    client: HeaderValue,
     request: Request<Incoming>,
 ) -> Response<ResponseBody> {
     let started = Instant::now();
@@ -37,7 +37,7 @@ pub(super) async fn handle(
         .config
         .access_log
         .then(|| (request.method().clone(), request.uri().path().to_string()));
-    let (response, guard) = match forward(&shared, &state, client, request).await {
+    let (response, guard) = match forward(&shared, &state, &client, request).await {
         Ok((response, guard)) => (response, Some(guard)),
         Err(error) => (error.into_response(), None),
     };
@@ -54,7 +54,7 @@ pub(super) async fn handle(
 async fn forward(
     shared: &Shared,
     state: &State,
-    client: SocketAddr,
+    client: &HeaderValue,
     request: Request<Incoming>,
 ) -> Result<(Response<ResponseBody>, ConnectionGuard), ProxyError> {
     let (mut parts, body) = request.into_parts();
@@ -65,7 +65,7 @@ async fn forward(
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     });
     remove_hop_by_hop(&mut parts.headers);
-    add_forwarded(&mut parts.headers, client.ip(), host.as_ref());
+    add_forwarded_for(&mut parts.headers, client, host.as_ref());
     let path_and_query = parts
         .uri
         .path_and_query()
@@ -74,6 +74,10 @@ async fn forward(
     let body = BodySlot::new(body);
     let retry_after_send = is_idempotent(&parts.method) && body.is_empty();
     let max_retries = state.config.health.max_retries as usize;
+    let limits = Limits {
+        connect_timeout: state.config.connect_timeout,
+        tuning: state.config.tuning,
+    };
     let mut tried: Vec<u32> = Vec::new();
 
     loop {
@@ -94,23 +98,19 @@ async fn forward(
         let Some(attempt_body) = body.body() else {
             return Err(ProxyError::Upstream);
         };
-        let uri = Uri::builder()
-            .scheme("http")
-            .authority(backend.authority().clone())
-            .path_and_query(path_and_query.clone())
-            .build()
-            .map_err(|_| ProxyError::BadRequest)?;
-        let mut upstream = Request::new(attempt_body);
-        *upstream.method_mut() = parts.method.clone();
-        *upstream.uri_mut() = uri;
-        *upstream.version_mut() = Version::HTTP_11;
-        *upstream.headers_mut() = parts.headers.clone();
+        let head = RequestHead::encode(
+            &parts.method,
+            path_and_query.as_str(),
+            &parts.headers,
+            backend.address(),
+            &attempt_body,
+        );
 
         let guard = backend.track();
         let sent = Instant::now();
         let answer = tokio::time::timeout(
             state.config.clients.request_timeout,
-            state.client.request(upstream),
+            upstream::send(backend.address(), &head, attempt_body, limits),
         )
         .await;
         let answer = match answer {

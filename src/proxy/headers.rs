@@ -8,7 +8,8 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// Headers that describe one connection, never the message (RFC 9110
 /// §7.6.1, plus the non-standard `Keep-Alive` and `Proxy-Connection`).
-const HOP_BY_HOP: [HeaderName; 8] = [
+const HOP_BY_HOP_COUNT: usize = 8;
+const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_COUNT] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -23,22 +24,51 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// names. `Transfer-Encoding` goes too: the framing of each hop is hyper's
 /// business, done afresh on the other side.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // Collect the names listed in Connection first: removing it ends the
-    // borrow. Most requests have no Connection header, so no allocation.
-    let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in listed {
-        headers.remove(name);
+    // One pass over the names (no hashing) finds which are present; most
+    // messages carry none, or only `Connection`.
+    let mut present = [false; HOP_BY_HOP_COUNT + 1];
+    let mut any = false;
+    for name in headers.keys() {
+        if let Some(i) = hop_by_hop_index(name) {
+            present[i] = true;
+            any = true;
+        }
     }
-    for name in HOP_BY_HOP {
-        headers.remove(name);
+    if !any {
+        return;
     }
-    headers.remove(header::TRANSFER_ENCODING);
+    // The names listed in Connection go too. Collected first: removing
+    // Connection ends the borrow.
+    if present[0] {
+        let listed: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .filter(|name| hop_by_hop_index(name).is_none())
+            .collect();
+        for name in listed {
+            headers.remove(name);
+        }
+    }
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present[i] {
+            headers.remove(name);
+        }
+    }
+    if present[HOP_BY_HOP_COUNT] {
+        headers.remove(header::TRANSFER_ENCODING);
+    }
+}
+
+/// The position of `name` in [`HOP_BY_HOP`], or one past it for
+/// `Transfer-Encoding`; `None` for any other header.
+fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+    if *name == header::TRANSFER_ENCODING {
+        return Some(HOP_BY_HOP_COUNT);
+    }
+    HOP_BY_HOP.iter().position(|h| h == name)
 }
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -51,7 +81,43 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 /// client cannot claim another scheme or host. `host` is the client's `Host`
 /// (or the authority of an absolute-form request target).
 pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, host: Option<&HeaderValue>) {
-    let client = client.to_canonical().to_string();
+    add_forwarded_for(headers, &client_value(client), host);
+}
+
+/// The client's address as it goes into `X-Forwarded-For`: an IPv4-mapped
+/// IPv6 address is written as IPv4. Computed once per client connection.
+pub fn client_value(client: IpAddr) -> HeaderValue {
+    HeaderValue::try_from(client.to_canonical().to_string())
+        .expect("an IP address is a valid header value")
+}
+
+/// [`add_forwarded`] with the client's address already formatted by
+/// [`client_value`].
+pub fn add_forwarded_for(
+    headers: &mut HeaderMap,
+    client: &HeaderValue,
+    host: Option<&HeaderValue>,
+) {
+    if !headers.contains_key(&X_FORWARDED_FOR) {
+        headers.insert(X_FORWARDED_FOR.clone(), client.clone());
+    } else {
+        append_forwarded_for(headers, client);
+    }
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    match host {
+        Some(host) => {
+            headers.insert(X_FORWARDED_HOST.clone(), host.clone());
+        }
+        None => {
+            headers.remove(&X_FORWARDED_HOST);
+        }
+    }
+}
+
+/// Joins the `X-Forwarded-For` fields already there into one list and
+/// appends `client`.
+fn append_forwarded_for(headers: &mut HeaderMap, client: &HeaderValue) {
+    let client = client.to_str().unwrap_or_default();
     // Several X-Forwarded-For fields are one comma-separated list (RFC 9110
     // §5.3): join them into one, then append this hop.
     let mut list = String::new();
@@ -64,18 +130,9 @@ pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, host: Option<&Head
             }
         }
     }
-    list.push_str(&client);
+    list.push_str(client);
     if let Ok(value) = HeaderValue::try_from(list) {
         headers.insert(X_FORWARDED_FOR.clone(), value);
-    }
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
-    match host {
-        Some(host) => {
-            headers.insert(X_FORWARDED_HOST.clone(), host.clone());
-        }
-        None => {
-            headers.remove(&X_FORWARDED_HOST);
-        }
     }
 }
 

@@ -16,6 +16,7 @@ mod body;
 mod error;
 mod forward;
 mod headers;
+mod upstream;
 
 use std::cell::RefCell;
 use std::convert::Infallible;
@@ -27,34 +28,25 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use hyper::service::service_fn;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
-use tokio::task::{AbortHandle, JoinHandle};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{oneshot, watch};
+use tokio::task::AbortHandle;
 
 pub use body::{BodySlot, Completion, RequestBody, ResponseBody};
 pub use error::{describe as describe_error, ProxyError};
 pub use headers::{add_forwarded, remove_hop_by_hop};
 
 use crate::balancer::{self, BackendView, Balancer, Decision, LoadError};
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, DEFAULT_LISTEN_BACKLOG};
 use crate::health;
 use crate::metrics::{admin, Metrics};
 use crate::server::{Backend, Pool};
 use crate::throttle::LogThrottle;
 
-/// How long an idle pooled connection to a backend is kept.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Idle connections kept per backend.
-const POOL_MAX_IDLE_PER_HOST: usize = 256;
 /// hyper's smallest read buffer.
 const MIN_HEADER_BUFFER: usize = 8192;
-
-/// The upstream client: hyper-util's pooled client, keep-alive per backend.
-pub type UpstreamClient = Client<HttpConnector, RequestBody>;
 
 /// One config generation: everything a request needs. A reload builds a new
 /// one and swaps it in; requests in flight keep the one they started with.
@@ -63,15 +55,12 @@ pub struct State {
     config: Config,
     pool: Pool,
     balancer: Balancer,
-    client: UpstreamClient,
 }
 
 impl State {
     /// Builds a generation from `config`: loads the strategy module
     /// (compiling it now, never per request), builds the pool, keeping the
-    /// stats of backends that were in `previous`, and reuses `previous`'s
-    /// upstream client (and its idle connections) when the connect timeout
-    /// is unchanged.
+    /// stats of backends that were in `previous`.
     fn new(
         config: Config,
         previous: Option<&State>,
@@ -80,16 +69,11 @@ impl State {
         let strategy = balancer::load(&config.strategy, config.sandbox)?;
         let pool = Pool::with_previous(&config.backends, previous.map(|p| &p.pool))
             .map_err(|e| StartError::Backend(e.to_string()))?;
-        let client = match previous {
-            Some(p) if p.config.connect_timeout == config.connect_timeout => p.client.clone(),
-            _ => upstream_client(&config),
-        };
         let metrics = Arc::clone(metrics);
         let balancer =
             Balancer::new(strategy).on_fault(Box::new(move |kind| metrics.record_fault(kind)));
         Ok(State {
             balancer,
-            client,
             pool,
             config,
         })
@@ -151,19 +135,6 @@ impl State {
     }
 }
 
-fn upstream_client(config: &Config) -> UpstreamClient {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(config.connect_timeout));
-    connector.set_nodelay(true);
-    connector.enforce_http(true);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(connector)
-}
-
 /// Why the balancer could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -173,6 +144,9 @@ pub enum StartError {
     /// A backend address could not be used.
     #[error("backend address: {0}")]
     Backend(String),
+    /// A worker thread could not be started.
+    #[error("cannot start a worker thread: {0}")]
+    Thread(std::io::Error),
     /// A listen address could not be bound.
     #[error("cannot listen on {address}: {source}")]
     Bind {
@@ -276,6 +250,18 @@ impl Shared {
                 );
                 config.admin_address = old.config.admin_address;
             }
+            let (old_tuning, new_tuning) = (old.config.tuning, &mut config.tuning);
+            if new_tuning.worker_threads != old_tuning.worker_threads
+                || new_tuning.listen_backlog != old_tuning.listen_backlog
+            {
+                tracing::warn!(
+                    "worker_threads and listen_backlog need a restart; keeping {} workers and a backlog of {}",
+                    old_tuning.worker_threads,
+                    old_tuning.listen_backlog
+                );
+                new_tuning.worker_threads = old_tuning.worker_threads;
+                new_tuning.listen_backlog = old_tuning.listen_backlog;
+            }
             Ok(State::new(config, Some(&old), &metrics)?)
         })
         .await
@@ -286,20 +272,23 @@ impl Shared {
     }
 }
 
-/// A running balancer: its listeners, accept loops and health checker.
+/// A running balancer: its listener, worker threads and health checker.
 pub struct Proxy {
     local_addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
     shutdown: watch::Sender<Option<Duration>>,
-    task: JoinHandle<()>,
+    /// Each worker drops its sender when it has finished.
+    workers: Vec<oneshot::Receiver<()>>,
 }
 
 impl Proxy {
     /// Loads the strategy, binds `config.listen_address` (and the admin
-    /// address, if set) and starts serving and health checking. A reload
-    /// needs a file: see [`Proxy::start_from_file`]. Must be called inside a
-    /// tokio runtime.
+    /// address, if set) and starts `worker_threads` serving threads, the
+    /// health checker and the admin API. A reload needs a file: see
+    /// [`Proxy::start_from_file`]. Must be called inside a tokio runtime,
+    /// which runs the health checks and the admin API; client traffic is
+    /// served by the workers' own event loops.
     pub async fn start(config: Config) -> Result<Proxy, StartError> {
         Proxy::start_with(config, None).await
     }
@@ -314,13 +303,14 @@ impl Proxy {
         let metrics = Arc::new(Metrics::new());
         let address = config.listen_address;
         let admin_address = config.admin_address;
+        let tuning = config.tuning;
         let state = State::new(config, None, &metrics)?;
-        let listener = bind(address).await?;
+        let listener = bind(address, tuning.listen_backlog)?;
         let local_addr = listener
             .local_addr()
             .map_err(|source| StartError::Bind { address, source })?;
         let admin_listener = match admin_address {
-            Some(address) => Some(bind(address).await?),
+            Some(address) => Some(bind(address, DEFAULT_LISTEN_BACKLOG)?),
             None => None,
         };
         let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
@@ -337,16 +327,37 @@ impl Proxy {
         });
         shared.install(shared.state.load_full());
         let (shutdown, signal) = watch::channel(None);
-        if let Some(listener) = admin_listener {
+        if let (Some(listener), Some(address)) = (admin_listener, admin_address) {
+            let listener = TcpListener::from_std(listener)
+                .map_err(|source| StartError::Bind { address, source })?;
             tokio::spawn(admin::serve(listener, Arc::clone(&shared), signal.clone()));
         }
-        let task = tokio::spawn(serve(listener, Arc::clone(&shared), signal));
+        let mut workers = Vec::with_capacity(tuning.worker_threads);
+        for id in 0..tuning.worker_threads {
+            // Every worker accepts from the same listening socket (its own
+            // descriptor of it) and serves what it accepted on its own
+            // event loop.
+            let listener = listener
+                .try_clone()
+                .map_err(|source| StartError::Bind { address, source })?;
+            let (done, finished) = oneshot::channel();
+            let worker = Worker {
+                id,
+                shared: Arc::clone(&shared),
+                shutdown: signal.clone(),
+            };
+            std::thread::Builder::new()
+                .name(format!("lb-worker-{id}"))
+                .spawn(move || worker.run(listener, done))
+                .map_err(StartError::Thread)?;
+            workers.push(finished);
+        }
         Ok(Proxy {
             local_addr,
             admin_addr,
             shared,
             shutdown,
-            task,
+            workers,
         })
     }
 
@@ -378,9 +389,12 @@ impl Proxy {
 
     /// Stops accepting, lets requests in flight finish for up to `timeout`
     /// (keep-alive clients are told `Connection: close`), then returns.
-    pub async fn shutdown(self, timeout: Duration) {
+    pub async fn shutdown(mut self, timeout: Duration) {
         let _ = self.shutdown.send(Some(timeout));
-        let _ = self.task.await;
+        for finished in std::mem::take(&mut self.workers) {
+            // An error only means the worker has gone, which is the point.
+            let _ = finished.await;
+        }
         if let Some(checker) = self
             .shared
             .checker
@@ -393,64 +407,170 @@ impl Proxy {
     }
 }
 
+impl Drop for Proxy {
+    /// A proxy dropped without [`Proxy::shutdown`] stops its workers at once.
+    fn drop(&mut self) {
+        if !self.workers.is_empty() {
+            let _ = self.shutdown.send(Some(Duration::ZERO));
+        }
+    }
+}
+
 impl std::fmt::Debug for Proxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Proxy")
             .field("local_addr", &self.local_addr)
             .field("admin_addr", &self.admin_addr)
+            .field("workers", &self.workers.len())
             .finish_non_exhaustive()
     }
 }
 
-async fn bind(address: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(address)
-        .await
-        .map_err(|source| StartError::Bind { address, source })
+/// Binds a non-blocking listening socket with `SO_REUSEADDR` (so a restart
+/// does not wait for old connections in `TIME_WAIT`).
+fn bind(address: SocketAddr, backlog: u32) -> Result<std::net::TcpListener, StartError> {
+    let error = |source| StartError::Bind { address, source };
+    let socket = if address.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(error)?;
+    socket.set_reuseaddr(true).map_err(error)?;
+    socket.bind(address).map_err(error)?;
+    let listener = socket.listen(backlog).map_err(error)?;
+    listener.into_std().map_err(error)
 }
 
-async fn serve(
-    listener: TcpListener,
+/// One serving thread: a single-threaded event loop that accepts client
+/// connections and serves them start to end, upstream connections
+/// included. Nothing on the request path crosses to another thread, except
+/// the strategy call, which is one short critical section.
+struct Worker {
+    id: usize,
     shared: Arc<Shared>,
-    mut shutdown: watch::Receiver<Option<Duration>>,
-) {
-    let graceful = GracefulShutdown::new();
-    let timeout = loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let limit = shared.state.load().config.clients.max_connections;
-                    match ConnectionSlot::take(&shared, limit) {
-                        Some(slot) => serve_connection(stream, peer, slot, &shared, &graceful),
-                        // Closed at once; the connections already open are
-                        // not disturbed.
-                        None => {
-                            drop(stream);
-                            if let Some(suppressed) = shared.busy_log.allow() {
-                                tracing::warn!(suppressed, "max_connections ({limit}) reached: closing new connections");
+    shutdown: watch::Receiver<Option<Duration>>,
+}
+
+impl Worker {
+    fn run(self, listener: std::net::TcpListener, done: oneshot::Sender<()>) {
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(runtime) => runtime,
+            Err(error) => {
+                tracing::error!(
+                    worker = self.id,
+                    "cannot start a worker's event loop: {error}"
+                );
+                return;
+            }
+        };
+        runtime.block_on(async move {
+            match TcpListener::from_std(listener) {
+                Ok(listener) => self.serve(listener).await,
+                Err(error) => tracing::error!(worker = self.id, "cannot use the listener: {error}"),
+            }
+        });
+        // Connections still open past the shutdown timeout end with the
+        // runtime.
+        drop(runtime);
+        drop(done);
+    }
+
+    async fn serve(mut self, listener: TcpListener) {
+        let graceful = GracefulShutdown::new();
+        let shared = Arc::clone(&self.shared);
+        let sweeper = tokio::spawn(async move {
+            // Idle upstream connections past upstream_idle_timeout close.
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                upstream::sweep(shared.state.load().config.tuning.upstream_idle_timeout);
+            }
+        });
+        let timeout = loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let limit = self.shared.state.load().config.clients.max_connections;
+                        match ConnectionSlot::take(&self.shared, limit) {
+                            Some(slot) => self.serve_connection(stream, peer, slot, &graceful),
+                            // Closed at once; the connections already open
+                            // are not disturbed.
+                            None => {
+                                drop(stream);
+                                if let Some(suppressed) = self.shared.busy_log.allow() {
+                                    tracing::warn!(suppressed, "max_connections ({limit}) reached: closing new connections");
+                                }
                             }
                         }
                     }
+                    // Another worker took the connection, or it was reset
+                    // before accept.
+                    Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(error) => {
+                        // Out of descriptors, say: back off briefly instead
+                        // of spinning, keep serving.
+                        tracing::warn!("accept failed: {error}");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                },
+                changed = self.shutdown.changed() => {
+                    break match changed {
+                        Ok(()) => self.shutdown.borrow().unwrap_or_default(),
+                        Err(_) => Duration::ZERO,
+                    };
                 }
-                Err(error) => {
-                    // Out of descriptors or a connection reset before accept:
-                    // back off briefly instead of spinning, keep serving.
-                    tracing::warn!("accept failed: {error}");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            },
-            changed = shutdown.changed() => {
-                break match changed {
-                    Ok(()) => shutdown.borrow().unwrap_or_default(),
-                    Err(_) => Duration::ZERO,
-                };
             }
+        };
+        // New connections are refused from here on (once every worker has
+        // dropped its descriptor of the listener).
+        drop(listener);
+        sweeper.abort();
+        tokio::select! {
+            () = graceful.shutdown() => tracing::debug!(worker = self.id, "all connections closed"),
+            () = tokio::time::sleep(timeout) => tracing::warn!(worker = self.id, "shutdown timeout ({timeout:?}) reached; closing remaining connections"),
         }
-    };
-    // New connections are refused from here on.
-    drop(listener);
-    tokio::select! {
-        () = graceful.shutdown() => tracing::info!("all connections closed"),
-        () = tokio::time::sleep(timeout) => tracing::warn!("shutdown timeout ({timeout:?}) reached; closing remaining connections"),
+    }
+
+    fn serve_connection(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        slot: ConnectionSlot,
+        graceful: &GracefulShutdown,
+    ) {
+        let state = self.shared.state.load();
+        let limits = state.config.clients;
+        if state.config.tuning.tcp_nodelay {
+            let _ = stream.set_nodelay(true);
+        }
+        let shared = Arc::clone(&self.shared);
+        let client = headers::client_value(peer.ip());
+        let service = service_fn(move |request| {
+            let shared = Arc::clone(&shared);
+            let client = client.clone();
+            async move { Ok::<_, Infallible>(forward::handle(shared, client, request).await) }
+        });
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .keep_alive(true)
+            // Starts when the connection waits for a request head, so it
+            // cuts off slow senders (slowloris) and idle keep-alive
+            // connections alike.
+            .header_read_timeout(limits.header_timeout)
+            // A head that does not fit is answered 431 by hyper.
+            .max_buf_size(limits.max_header_bytes.max(MIN_HEADER_BUFFER))
+            .serve_connection(TokioIo::new(stream), service);
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%peer, "client connection ended: {error}");
+            }
+            drop(slot);
+        });
     }
 }
 
@@ -472,36 +592,4 @@ impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         self.0.open_connections.fetch_sub(1, Ordering::Relaxed);
     }
-}
-
-fn serve_connection(
-    stream: TcpStream,
-    peer: SocketAddr,
-    slot: ConnectionSlot,
-    shared: &Arc<Shared>,
-    graceful: &GracefulShutdown,
-) {
-    let _ = stream.set_nodelay(true);
-    let limits = shared.state.load().config.clients;
-    let shared = Arc::clone(shared);
-    let service = service_fn(move |request| {
-        let shared = Arc::clone(&shared);
-        async move { Ok::<_, Infallible>(forward::handle(shared, peer, request).await) }
-    });
-    let connection = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .keep_alive(true)
-        // Starts when the connection waits for a request head, so it cuts
-        // off slow senders (slowloris) and idle keep-alive connections alike.
-        .header_read_timeout(limits.header_timeout)
-        // A head that does not fit is answered 431 by hyper.
-        .max_buf_size(limits.max_header_bytes.max(MIN_HEADER_BUFFER))
-        .serve_connection(TokioIo::new(stream), service);
-    let connection = graceful.watch(connection);
-    tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::debug!(%peer, "client connection ended: {error}");
-        }
-        drop(slot);
-    });
 }
