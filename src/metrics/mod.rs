@@ -7,6 +7,8 @@
 
 pub mod admin;
 
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -15,6 +17,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use rustc_hash::FxHashMap;
 
 use crate::balancer::FaultKind;
 use crate::server::Pool;
@@ -54,8 +57,23 @@ struct ResultLabels {
 
 type HistogramFamily = Family<BackendLabels, Histogram, fn() -> Histogram>;
 
+/// One thread's handles to the per-request series of one [`Metrics`].
+#[derive(Default)]
+struct HandleCache {
+    /// The [`Metrics::id`] they belong to.
+    owner: u64,
+    backends: FxHashMap<String, BackendHandles>,
+}
+
+struct BackendHandles {
+    duration: Histogram,
+    codes: Vec<(u16, Counter)>,
+}
+
 /// Every metric the balancer exports.
 pub struct Metrics {
+    /// Unique in the process: tells whose handles a thread has cached.
+    id: u64,
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     request_duration: HistogramFamily,
@@ -144,7 +162,9 @@ impl Metrics {
         for result in ["success", "failure"] {
             let _ = reloads.get_or_create(&ResultLabels { result });
         }
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         Metrics {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             registry,
             requests,
             request_duration,
@@ -159,18 +179,62 @@ impl Metrics {
     }
 
     /// Counts one answered request and its client-observed duration.
+    ///
+    /// The series' handles are cached per thread (a counter or histogram
+    /// handle shares its value with the family's), so the request path
+    /// neither allocates label strings nor takes the family's lock once a
+    /// backend and status have been seen.
     pub fn record_request(&self, backend: &str, code: u16, duration: Duration) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                backend: backend.to_string(),
-                code,
-            })
-            .inc();
-        self.request_duration
-            .get_or_create(&BackendLabels {
-                backend: backend.to_string(),
-            })
-            .observe(duration.as_secs_f64());
+        thread_local! {
+            static HANDLES: RefCell<HandleCache> = RefCell::new(HandleCache::default());
+        }
+        HANDLES.with(|cache| {
+            let mut cache = cache.borrow_mut();
+            let owner = self.id;
+            if cache.owner != owner {
+                // Another balancer in the same process (tests).
+                *cache = HandleCache {
+                    owner,
+                    ..HandleCache::default()
+                };
+            }
+            if !cache.backends.contains_key(backend) {
+                let histogram = self
+                    .request_duration
+                    .get_or_create(&BackendLabels {
+                        backend: backend.to_string(),
+                    })
+                    .clone();
+                cache.backends.insert(
+                    backend.to_string(),
+                    BackendHandles {
+                        duration: histogram,
+                        codes: Vec::new(),
+                    },
+                );
+            }
+            let handles = cache
+                .backends
+                .get_mut(backend)
+                .expect("inserted above when missing");
+            handles.duration.observe(duration.as_secs_f64());
+            match handles.codes.iter().find(|(c, _)| *c == code) {
+                Some((_, counter)) => {
+                    counter.inc();
+                }
+                None => {
+                    let counter = self
+                        .requests
+                        .get_or_create(&RequestLabels {
+                            backend: backend.to_string(),
+                            code,
+                        })
+                        .clone();
+                    counter.inc();
+                    handles.codes.push((code, counter));
+                }
+            }
+        });
     }
 
     /// Records how long a strategy call took.

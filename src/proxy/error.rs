@@ -1,9 +1,6 @@
 //! The one place where a failed request becomes an HTTP status.
 
-use http::header::{HeaderValue, CONNECTION, CONTENT_TYPE};
-use http::{Response, StatusCode};
-
-use super::ResponseBody;
+use http::StatusCode;
 
 /// Why the proxy answered a request itself. Each variant maps to one status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -34,29 +31,6 @@ impl ProxyError {
             ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BadRequest => StatusCode::BAD_REQUEST,
         }
-    }
-
-    /// A short plain-text response; internal details (backend addresses,
-    /// OS errors) go to the log, not to the client.
-    pub fn into_response(self) -> Response<ResponseBody> {
-        let status = self.status();
-        let text = format!(
-            "{} {}: {self}\n",
-            status.as_u16(),
-            status.canonical_reason().unwrap_or("Error")
-        );
-        let mut response = Response::new(ResponseBody::full(text));
-        *response.status_mut() = status;
-        response.headers_mut().insert(
-            CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
-        if self == ProxyError::BadRequest {
-            response
-                .headers_mut()
-                .insert(CONNECTION, HeaderValue::from_static("close"));
-        }
-        response
     }
 }
 

@@ -1,81 +1,33 @@
-//! Forwarding one request: pick a backend, send, stream the answer back,
-//! retry on another backend when that is safe.
+//! Forwarding one request: pick a backend, send, and retry on another
+//! backend when that is safe.
 
-use std::sync::Arc;
 use std::time::Instant;
 
-use http::header::{HeaderValue, HOST};
-use http::{Method, Request, Response};
-use hyper::body::Incoming;
-
-use super::body::{BodySlot, Completion, ResponseBody};
+use super::downstream::ClientBody;
 use super::error::{describe, ProxyError};
-use super::headers::{add_forwarded_for, remove_hop_by_hop};
-use super::upstream::{self, Limits, RequestHead};
+use super::headers::RequestHead;
+use super::upstream::{self, Limits, UpstreamError, UpstreamResponse};
 use super::{Shared, State};
 use crate::server::ConnectionGuard;
 
-/// Methods whose requests may be sent twice without changing the outcome
-/// (RFC 9110 §9.2.2).
-fn is_idempotent(method: &Method) -> bool {
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    )
-}
-
-/// Serves one client request with the config generation current when it
-/// arrived; a reload meanwhile does not affect it.
-pub(super) async fn handle(
-    shared: Arc<Shared>,
-    client: HeaderValue,
-    request: Request<Incoming>,
-) -> Response<ResponseBody> {
-    let started = Instant::now();
-    let state = shared.state.load_full();
-    let access = state
-        .config
-        .access_log
-        .then(|| (request.method().clone(), request.uri().path().to_string()));
-    let (response, guard) = match forward(&shared, &state, &client, request).await {
-        Ok((response, guard)) => (response, Some(guard)),
-        Err(error) => (error.into_response(), None),
-    };
-    let completion = Completion::new(
-        Arc::clone(&shared.metrics),
-        guard,
-        response.status().as_u16(),
-        started,
-        access,
-    );
-    response.map(|body| body.on_completion(completion))
-}
-
-async fn forward(
+/// Sends `head` (and `body`) to a backend the strategy picks, and returns
+/// the response head with its body still to be read, and the guard that
+/// counts the request as active on its backend.
+///
+/// A failed connect is retried on another backend (nothing was sent); a
+/// failure after sending only for an idempotent request without a body.
+/// `max_retries` bounds the other backends tried.
+pub(super) async fn forward(
     shared: &Shared,
     state: &State,
-    client: &HeaderValue,
-    request: Request<Incoming>,
-) -> Result<(Response<ResponseBody>, ConnectionGuard), ProxyError> {
-    let (mut parts, body) = request.into_parts();
-    let host = parts.headers.get(HOST).cloned().or_else(|| {
-        parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
-    remove_hop_by_hop(&mut parts.headers);
-    add_forwarded_for(&mut parts.headers, client, host.as_ref());
-    let path_and_query = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-    let body = BodySlot::new(body);
-    let retry_after_send = is_idempotent(&parts.method) && body.is_empty();
+    head: &RequestHead,
+    body: &mut ClientBody<'_>,
+) -> Result<(UpstreamResponse, ConnectionGuard), ProxyError> {
+    let retry_after_send = head.is_idempotent() && head.framing.is_done();
     let max_retries = state.config.health.max_retries as usize;
     let limits = Limits {
         connect_timeout: state.config.connect_timeout,
+        read_timeout: state.config.clients.request_timeout,
         tuning: state.config.tuning,
     };
     let mut tried: Vec<u32> = Vec::new();
@@ -95,22 +47,17 @@ async fn forward(
                 return Err(error);
             }
         };
-        let Some(attempt_body) = body.body() else {
+        if body.started() {
+            // Part of the body went to a backend that failed: it cannot be
+            // sent again.
             return Err(ProxyError::Upstream);
-        };
-        let head = RequestHead::encode(
-            &parts.method,
-            path_and_query.as_str(),
-            &parts.headers,
-            backend.address(),
-            &attempt_body,
-        );
+        }
 
         let guard = backend.track();
         let sent = Instant::now();
         let answer = tokio::time::timeout(
             state.config.clients.request_timeout,
-            upstream::send(backend.address(), &head, attempt_body, limits),
+            upstream::send(backend.address(), head, body, limits),
         )
         .await;
         let answer = match answer {
@@ -129,8 +76,8 @@ async fn forward(
                     .record_upstream_error(backend.address(), "timeout", false);
                 tracing::warn!(
                     backend = backend.address(),
-                    method = %parts.method,
-                    path = %path_and_query,
+                    method = %head.method,
+                    path = %head.target,
                     "upstream request failed: {reason}"
                 );
                 return Err(ProxyError::Timeout);
@@ -141,10 +88,13 @@ async fn forward(
                 backend.record_latency(sent.elapsed());
                 let health = &state.config.health;
                 backend.observe_health(true, health.healthy_threshold, health.unhealthy_threshold);
-                let (mut parts, body) = response.into_parts();
-                remove_hop_by_hop(&mut parts.headers);
-                let response = Response::from_parts(parts, ResponseBody::upstream(body));
                 return Ok((response, guard));
+            }
+            Err(UpstreamError::Client(error)) => {
+                // The client's fault, not the backend's.
+                drop(guard);
+                tracing::debug!("request body from the client failed: {error}");
+                return Err(ProxyError::BadRequest);
             }
             Err(error) => {
                 drop(guard);
@@ -166,8 +116,8 @@ async fn forward(
                 }
                 tracing::warn!(
                     backend = backend.address(),
-                    method = %parts.method,
-                    path = %path_and_query,
+                    method = %head.method,
+                    path = %head.target,
                     "upstream request failed: {reason}"
                 );
                 return Err(ProxyError::Upstream);

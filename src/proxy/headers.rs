@@ -1,198 +1,585 @@
-//! Header rewriting at the proxy boundary: hop-by-hop headers stay on their
-//! hop (RFC 9110 §7.6.1), and the backend learns who the client was through
+//! Request and response heads at the proxy boundary, as bytes: parsed with
+//! `httparse`, checked (RFC 9112 framing rules), and rewritten for the next
+//! hop without building a header map. Hop-by-hop headers stay on their hop
+//! (RFC 9110 §7.6.1), and the backend learns who the client was through
 //! `X-Forwarded-For`, `-Proto` and `-Host`.
 
-use std::net::IpAddr;
+use std::mem::MaybeUninit;
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::Method;
 
-/// Headers that describe one connection, never the message (RFC 9110
-/// §7.6.1, plus the non-standard `Keep-Alive` and `Proxy-Connection`).
-const HOP_BY_HOP_COUNT: usize = 8;
-const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_COUNT] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::UPGRADE,
-];
+use super::http1::{content_length, has_token, is_hop_by_hop, ConnectionList, Framing};
 
-/// Removes hop-by-hop headers, including every header that `Connection`
-/// names. `Transfer-Encoding` goes too: the framing of each hop is hyper's
-/// business, done afresh on the other side.
-pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the names (no hashing) finds which are present; most
-    // messages carry none, or only `Connection`.
-    let mut present = [false; HOP_BY_HOP_COUNT + 1];
-    let mut any = false;
-    for name in headers.keys() {
-        if let Some(i) = hop_by_hop_index(name) {
-            present[i] = true;
-            any = true;
+/// Most header fields accepted in a head (as hyper's default).
+pub const MAX_HEADERS: usize = 100;
+
+/// Why a request head is refused. Each maps to one status; the connection
+/// is closed after the answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HeadError {
+    /// Malformed or ambiguous: 400.
+    #[error("{0}")]
+    BadRequest(&'static str),
+    /// More header fields than accepted: 431 (the size limit is the
+    /// caller's).
+    #[error("too many header fields")]
+    TooLarge,
+    /// A feature this proxy does not offer (`CONNECT`, transfer codings
+    /// other than chunked): 501.
+    #[error("{0}")]
+    NotImplemented(&'static str),
+    /// An `Expect` other than `100-continue`: 417.
+    #[error("unsupported expectation")]
+    ExpectationFailed,
+}
+
+/// A client's request head, checked and rewritten for the backend.
+#[derive(Debug)]
+pub struct RequestHead {
+    /// `METHOD target HTTP/1.1\r\n`.
+    pub request_line: Vec<u8>,
+    /// Whether the rewritten fields already carry `host` (the client's
+    /// `Host`, or the authority of an absolute-form target); if not, the
+    /// backend's address is sent.
+    pub has_host: bool,
+    /// The rewritten header fields and the blank line that ends the head.
+    pub fields: Vec<u8>,
+    /// The method.
+    pub method: Method,
+    /// The request target as the client sent it (for the access log).
+    pub target: String,
+    /// How the request body is delimited.
+    pub framing: Framing,
+    /// Whether the client wants to keep the connection open afterwards.
+    pub keep_alive: bool,
+    /// Whether the client waits for `100 Continue` before sending its body.
+    pub expect_continue: bool,
+    /// Whether the client spoke HTTP/1.1 (else 1.0).
+    pub http11: bool,
+}
+
+impl RequestHead {
+    /// Whether the method's requests may be sent twice without changing
+    /// the outcome (RFC 9110 §9.2.2).
+    pub fn is_idempotent(&self) -> bool {
+        matches!(
+            self.method,
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::TRACE
+                | Method::PUT
+                | Method::DELETE
+        )
+    }
+}
+
+/// Parses the request head at the start of `buf` and rewrites it for a
+/// backend, the client being `client` (its address as text). `Ok(None)`:
+/// the head is not complete yet. `Ok(Some((len, head)))`: the head took
+/// `len` bytes.
+pub fn parse_request(buf: &[u8], client: &str) -> Result<Option<(usize, RequestHead)>, HeadError> {
+    let mut fields = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_request_with_uninit_headers(
+        &mut request,
+        buf,
+        &mut fields,
+    ) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
+        Err(httparse::Error::Version) => return Err(HeadError::BadRequest("unsupported version")),
+        Err(_) => return Err(HeadError::BadRequest("malformed request head")),
+    };
+    let method_text = request.method.unwrap_or_default();
+    let target = request.path.unwrap_or_default();
+    let http11 = request.version == Some(1);
+    let headers: &[httparse::Header<'_>] = request.headers;
+
+    let method = Method::from_bytes(method_text.as_bytes())
+        .map_err(|_| HeadError::BadRequest("invalid method"))?;
+    if method == Method::CONNECT {
+        return Err(HeadError::NotImplemented("CONNECT is not supported"));
+    }
+    // The target: origin-form, absolute-form (its authority stands in for a
+    // missing Host), or `*` for OPTIONS.
+    let origin_form = target.starts_with('/') || (target == "*" && method == Method::OPTIONS);
+    let (path, authority) = if origin_form {
+        (target, None)
+    } else if let Some(rest) = strip_prefix_ignore_case(target, "http://") {
+        let end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, path) = rest.split_at(end);
+        if authority.is_empty() || authority.contains('@') {
+            return Err(HeadError::BadRequest("invalid request target"));
         }
-    }
-    if !any {
-        return;
-    }
-    // The names listed in Connection go too. Collected first: removing
-    // Connection ends the borrow.
-    if present[0] {
-        let listed: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-            .filter(|name| hop_by_hop_index(name).is_none())
-            .collect();
-        for name in listed {
-            headers.remove(name);
-        }
-    }
-    for (i, name) in HOP_BY_HOP.iter().enumerate() {
-        if present[i] {
-            headers.remove(name);
-        }
-    }
-    if present[HOP_BY_HOP_COUNT] {
-        headers.remove(header::TRANSFER_ENCODING);
-    }
-}
-
-/// The position of `name` in [`HOP_BY_HOP`], or one past it for
-/// `Transfer-Encoding`; `None` for any other header.
-fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
-    if *name == header::TRANSFER_ENCODING {
-        return Some(HOP_BY_HOP_COUNT);
-    }
-    HOP_BY_HOP.iter().position(|h| h == name)
-}
-
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-
-/// Adds the forwarding headers for a request from `client` that arrived over
-/// plain HTTP. `X-Forwarded-For` is appended to (earlier proxies keep their
-/// entries); `-Proto` and `-Host` describe this hop and are overwritten, so a
-/// client cannot claim another scheme or host. `host` is the client's `Host`
-/// (or the authority of an absolute-form request target).
-pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, host: Option<&HeaderValue>) {
-    add_forwarded_for(headers, &client_value(client), host);
-}
-
-/// The client's address as it goes into `X-Forwarded-For`: an IPv4-mapped
-/// IPv6 address is written as IPv4. Computed once per client connection.
-pub fn client_value(client: IpAddr) -> HeaderValue {
-    HeaderValue::try_from(client.to_canonical().to_string())
-        .expect("an IP address is a valid header value")
-}
-
-/// [`add_forwarded`] with the client's address already formatted by
-/// [`client_value`].
-pub fn add_forwarded_for(
-    headers: &mut HeaderMap,
-    client: &HeaderValue,
-    host: Option<&HeaderValue>,
-) {
-    if !headers.contains_key(&X_FORWARDED_FOR) {
-        headers.insert(X_FORWARDED_FOR.clone(), client.clone());
+        (if path.is_empty() { "/" } else { path }, Some(authority))
     } else {
-        append_forwarded_for(headers, client);
-    }
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
-    match host {
-        Some(host) => {
-            headers.insert(X_FORWARDED_HOST.clone(), host.clone());
-        }
-        None => {
-            headers.remove(&X_FORWARDED_HOST);
-        }
-    }
-}
+        return Err(HeadError::BadRequest("invalid request target"));
+    };
 
-/// Joins the `X-Forwarded-For` fields already there into one list and
-/// appends `client`.
-fn append_forwarded_for(headers: &mut HeaderMap, client: &HeaderValue) {
-    let client = client.to_str().unwrap_or_default();
-    // Several X-Forwarded-For fields are one comma-separated list (RFC 9110
-    // §5.3): join them into one, then append this hop.
-    let mut list = String::new();
-    for value in headers.get_all(&X_FORWARDED_FOR) {
-        if let Ok(v) = value.to_str() {
-            let v = v.trim();
-            if !v.is_empty() {
-                list.push_str(v);
-                list.push_str(", ");
+    let mut hosts = 0;
+    let mut host_value: Option<&[u8]> = None;
+    let mut transfer_encoding: Option<&[u8]> = None;
+    let mut te_fields = 0;
+    let mut lengths: [&[u8]; 4] = [&[]; 4];
+    let mut length_fields = 0;
+    let mut keep_alive = http11;
+    let mut close = false;
+    let mut expect_continue = false;
+    for h in headers {
+        let name = h.name;
+        if name.eq_ignore_ascii_case("host") {
+            hosts += 1;
+            host_value = Some(h.value);
+        } else if name.eq_ignore_ascii_case("content-length") {
+            if length_fields == lengths.len() {
+                return Err(HeadError::BadRequest("too many Content-Length fields"));
+            }
+            lengths[length_fields] = h.value;
+            length_fields += 1;
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            te_fields += 1;
+            transfer_encoding = Some(h.value);
+        } else if name.eq_ignore_ascii_case("connection") {
+            close |= has_token(h.value, b"close");
+            keep_alive |= has_token(h.value, b"keep-alive");
+        } else if name.eq_ignore_ascii_case("expect") {
+            if h.value.trim_ascii().eq_ignore_ascii_case(b"100-continue") {
+                expect_continue = true;
+            } else {
+                return Err(HeadError::ExpectationFailed);
             }
         }
     }
-    list.push_str(client);
-    if let Ok(value) = HeaderValue::try_from(list) {
-        headers.insert(X_FORWARDED_FOR.clone(), value);
+    if hosts > 1 {
+        return Err(HeadError::BadRequest("more than one Host field"));
     }
+    if http11 && hosts == 0 {
+        return Err(HeadError::BadRequest("HTTP/1.1 request without Host"));
+    }
+    if let Some(host) = host_value {
+        if host.is_empty() && authority.is_none() && http11 {
+            return Err(HeadError::BadRequest("empty Host"));
+        }
+    }
+    let keep_alive = keep_alive && !close;
+
+    // Framing (RFC 9112 §6.1-6.3). Both Content-Length and
+    // Transfer-Encoding is the shape of a smuggling attempt: refused.
+    let length = content_length(&lengths[..length_fields]).map_err(HeadError::BadRequest)?;
+    let framing = match transfer_encoding {
+        Some(_) if length_fields > 0 => {
+            return Err(HeadError::BadRequest(
+                "both Content-Length and Transfer-Encoding",
+            ))
+        }
+        Some(_) if !http11 => return Err(HeadError::BadRequest("Transfer-Encoding in HTTP/1.0")),
+        Some(value) => {
+            let last = value
+                .rsplit(|b| *b == b',')
+                .next()
+                .unwrap_or(&[])
+                .trim_ascii();
+            if !last.eq_ignore_ascii_case(b"chunked") {
+                return Err(HeadError::BadRequest(
+                    "chunked is not the final transfer coding",
+                ));
+            }
+            if te_fields > 1 || value.contains(&b',') {
+                return Err(HeadError::NotImplemented(
+                    "transfer codings other than chunked",
+                ));
+            }
+            Framing::CHUNKED
+        }
+        None => match length {
+            Some(0) | None => Framing::Done,
+            Some(n) => Framing::Length(n),
+        },
+    };
+
+    // The head for the backend.
+    let mut request_line = Vec::with_capacity(method_text.len() + path.len() + 12);
+    request_line.extend_from_slice(method_text.as_bytes());
+    request_line.push(b' ');
+    if !path.starts_with(['/', '*']) {
+        // `http://host?query` has an empty path: it is `/`.
+        request_line.push(b'/');
+    }
+    request_line.extend_from_slice(path.as_bytes());
+    request_line.extend_from_slice(b" HTTP/1.1\r\n");
+
+    let mut out = Vec::with_capacity(buf.len().min(len) + 128);
+    let mut forwarded_for: Vec<&[u8]> = Vec::new();
+    let listed = ConnectionList::of(headers);
+    for h in headers {
+        let name = h.name;
+        if is_hop_by_hop(name)
+            || name.eq_ignore_ascii_case("expect")
+            || name.eq_ignore_ascii_case("content-length")
+            || name.eq_ignore_ascii_case("x-forwarded-proto")
+            || name.eq_ignore_ascii_case("x-forwarded-host")
+            || listed.contains(name)
+        {
+            continue;
+        }
+        if name.eq_ignore_ascii_case("x-forwarded-for") {
+            let value = h.value.trim_ascii();
+            if !value.is_empty() {
+                forwarded_for.push(value);
+            }
+            continue;
+        }
+        if name.eq_ignore_ascii_case("host") && h.value.is_empty() {
+            continue;
+        }
+        push_field(&mut out, name.as_bytes(), h.value);
+    }
+    let host = host_value
+        .filter(|h| !h.is_empty())
+        .or(authority.map(str::as_bytes));
+    if host_value.is_none_or(<[u8]>::is_empty) {
+        if let Some(authority) = authority {
+            push_field(&mut out, b"host", authority.as_bytes());
+        }
+    }
+    // X-Forwarded-For is appended to (earlier proxies keep their entries,
+    // several fields joined into one list, RFC 9110 §5.3); -Proto and -Host
+    // describe this hop and are overwritten, so a client cannot claim
+    // another scheme or host.
+    out.extend_from_slice(b"x-forwarded-for: ");
+    for value in forwarded_for {
+        out.extend_from_slice(value);
+        out.extend_from_slice(b", ");
+    }
+    out.extend_from_slice(client.as_bytes());
+    out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n");
+    if let Some(host) = host {
+        push_field(&mut out, b"x-forwarded-host", host);
+    }
+    match framing {
+        Framing::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(n.to_string().as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        Framing::Chunked(_) => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        // A client's explicit zero length is kept: it matters for POST.
+        _ if length == Some(0) => out.extend_from_slice(b"content-length: 0\r\n"),
+        _ => {}
+    }
+    out.extend_from_slice(b"\r\n");
+
+    Ok(Some((
+        len,
+        RequestHead {
+            request_line,
+            has_host: host.is_some(),
+            fields: out,
+            method,
+            target: target.to_string(),
+            framing,
+            keep_alive,
+            expect_continue,
+            http11,
+        },
+    )))
+}
+
+fn strip_prefix_ignore_case<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+    let head = text.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix)
+        .then(|| &text[prefix.len()..])
+}
+
+fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A backend's response head, rewritten for the client: everything but the
+/// framing fields, which depend on the client.
+#[derive(Debug)]
+pub struct ResponseHead {
+    /// The status code.
+    pub status: u16,
+    /// `HTTP/1.1 code reason\r\n` and the end-to-end fields; no
+    /// `Content-Length`, `Transfer-Encoding` or `Connection`, no blank line.
+    pub head: Vec<u8>,
+    /// How the body is delimited on the backend connection.
+    pub framing: Framing,
+    /// A `Content-Length` to pass on although there is no body to read
+    /// (responses to `HEAD`, 304).
+    pub declared_length: Option<u64>,
+    /// Whether the backend connection can carry another request after it.
+    pub reusable: bool,
+}
+
+/// What [`parse_response`] found.
+#[derive(Debug)]
+pub enum ParsedResponse {
+    /// A final response whose head took this many bytes.
+    Final(usize, ResponseHead),
+    /// An interim (1xx) response of this many bytes, to be skipped.
+    Interim(usize),
+    /// More bytes are needed.
+    Partial,
+}
+
+/// Parses the response head at the start of `buf`, received for a request
+/// that was a `HEAD` if `head_request`.
+pub fn parse_response(buf: &[u8], head_request: bool) -> Result<ParsedResponse, &'static str> {
+    let mut fields = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut response,
+        buf,
+        &mut fields,
+    ) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(ParsedResponse::Partial),
+        Err(httparse::Error::TooManyHeaders) => return Err("too many header fields"),
+        Err(_) => return Err("malformed response head"),
+    };
+    let status = response.code.unwrap_or(0);
+    if !(100..=999).contains(&status) {
+        return Err("invalid status code");
+    }
+    if status < 200 {
+        if status == 101 {
+            return Err("unrequested protocol switch");
+        }
+        return Ok(ParsedResponse::Interim(len));
+    }
+    let http11 = response.version == Some(1);
+    let headers: &[httparse::Header<'_>] = response.headers;
+
+    let mut lengths: [&[u8]; 4] = [&[]; 4];
+    let mut length_fields = 0;
+    let mut transfer_encoding: Option<&[u8]> = None;
+    let mut close = !http11;
+    let listed = ConnectionList::of(headers);
+    let mut head = Vec::with_capacity(len + 16);
+    head.extend_from_slice(b"HTTP/1.1 ");
+    head.extend_from_slice(status.to_string().as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(response.reason.unwrap_or_default().as_bytes());
+    head.extend_from_slice(b"\r\n");
+    for h in headers {
+        let name = h.name;
+        if name.eq_ignore_ascii_case("content-length") {
+            if length_fields == lengths.len() {
+                return Err("too many Content-Length fields");
+            }
+            lengths[length_fields] = h.value;
+            length_fields += 1;
+            continue;
+        }
+        if name.eq_ignore_ascii_case("transfer-encoding") {
+            transfer_encoding = Some(h.value);
+            continue;
+        }
+        if name.eq_ignore_ascii_case("connection") {
+            close |= has_token(h.value, b"close");
+            if !http11 && has_token(h.value, b"keep-alive") {
+                close = false;
+            }
+            continue;
+        }
+        if is_hop_by_hop(name) || listed.contains(name) {
+            continue;
+        }
+        push_field(&mut head, name.as_bytes(), h.value);
+    }
+    let length = content_length(&lengths[..length_fields])?;
+    // RFC 9112 §6.3, in order.
+    let no_body = head_request || status == 204 || status == 304;
+    let (framing, declared_length, framing_reusable) = if no_body {
+        (Framing::Done, length, true)
+    } else if let Some(value) = transfer_encoding {
+        let chunked = value
+            .rsplit(|b| *b == b',')
+            .next()
+            .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        if chunked {
+            // With Content-Length as well, the message is suspect:
+            // Transfer-Encoding wins and the connection is not reused.
+            (Framing::CHUNKED, None, length_fields == 0)
+        } else {
+            (Framing::UntilClose, None, false)
+        }
+    } else {
+        match length {
+            Some(0) => (Framing::Done, Some(0), true),
+            Some(n) => (Framing::Length(n), Some(n), true),
+            None => (Framing::UntilClose, None, false),
+        }
+    };
+    Ok(ParsedResponse::Final(
+        len,
+        ResponseHead {
+            status,
+            head,
+            framing,
+            declared_length,
+            reusable: framing_reusable && !close,
+        },
+    ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut m = HeaderMap::new();
-        for (k, v) in pairs {
-            m.append(
-                HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                HeaderValue::from_str(v).unwrap(),
-            );
-        }
-        m
+    fn forward(raw: &str) -> Result<RequestHead, HeadError> {
+        parse_request(raw.as_bytes(), "127.0.0.9").map(|r| r.expect("complete").1)
+    }
+
+    fn fields(head: &RequestHead) -> String {
+        String::from_utf8(head.fields.clone()).unwrap()
     }
 
     #[test]
     fn removes_standard_and_listed_hop_by_hop_headers() {
-        let mut h = map(&[
-            ("connection", "keep-alive, X-Secret"),
-            ("connection", "x-other"),
-            ("keep-alive", "timeout=5"),
-            ("transfer-encoding", "chunked"),
-            ("te", "trailers"),
-            ("upgrade", "websocket"),
-            ("proxy-authorization", "Basic x"),
-            ("x-secret", "1"),
-            ("x-other", "2"),
-            ("x-kept", "3"),
-            ("host", "example.com"),
-        ]);
-        remove_hop_by_hop(&mut h);
-        let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
-        assert_eq!(names, vec!["x-kept", "host"]);
+        let head = forward(
+            "GET /p?q HTTP/1.1\r\nConnection: keep-alive, X-Secret\r\nConnection: x-other\r\n\
+             Keep-Alive: timeout=5\r\nTE: trailers\r\nUpgrade: websocket\r\n\
+             Proxy-Authorization: Basic x\r\nX-Secret: 1\r\nX-Other: 2\r\nX-Kept: 3\r\n\
+             Host: example.com\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!(head.request_line, b"GET /p?q HTTP/1.1\r\n");
+        assert_eq!(
+            fields(&head),
+            "X-Kept: 3\r\nHost: example.com\r\nx-forwarded-for: 127.0.0.9\r\n\
+             x-forwarded-proto: http\r\nx-forwarded-host: example.com\r\n\r\n"
+        );
+        assert!(head.keep_alive && head.http11 && head.has_host);
     }
 
     #[test]
     fn appends_forwarded_for_and_overwrites_proto_and_host() {
-        let mut h = map(&[
-            ("x-forwarded-for", "10.0.0.1"),
-            ("x-forwarded-for", "10.0.0.2, 10.0.0.3"),
-            ("x-forwarded-proto", "https"),
-        ]);
-        let host = HeaderValue::from_static("example.com:8080");
-        add_forwarded(&mut h, "127.0.0.9".parse().unwrap(), Some(&host));
-        assert_eq!(
-            h.get_all("x-forwarded-for").iter().collect::<Vec<_>>(),
-            vec!["10.0.0.1, 10.0.0.2, 10.0.0.3, 127.0.0.9"]
-        );
-        assert_eq!(h["x-forwarded-proto"], "http");
-        assert_eq!(h["x-forwarded-host"], "example.com:8080");
+        let head = forward(
+            "GET / HTTP/1.1\r\nHost: example.com:8080\r\nX-Forwarded-For: 10.0.0.1\r\n\
+             X-Forwarded-For: 10.0.0.2, 10.0.0.3\r\nX-Forwarded-Proto: https\r\n\
+             X-Forwarded-Host: evil\r\n\r\n",
+        )
+        .unwrap();
+        let text = fields(&head);
+        assert!(text.contains("x-forwarded-for: 10.0.0.1, 10.0.0.2, 10.0.0.3, 127.0.0.9\r\n"));
+        assert!(text.contains("x-forwarded-proto: http\r\n"));
+        assert!(text.contains("x-forwarded-host: example.com:8080\r\n"));
+        assert!(!text.contains("https") && !text.contains("evil"));
     }
 
     #[test]
-    fn ipv4_mapped_clients_are_written_as_ipv4() {
-        let mut h = HeaderMap::new();
-        add_forwarded(&mut h, "::ffff:127.0.0.1".parse().unwrap(), None);
-        assert_eq!(h["x-forwarded-for"], "127.0.0.1");
-        assert!(h.get("x-forwarded-host").is_none());
+    fn framing_is_checked() {
+        let bad = |raw: &str| forward(raw).unwrap_err();
+        assert!(matches!(
+            bad("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            HeadError::BadRequest(_)
+        ));
+        assert!(matches!(
+            bad("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\n"),
+            HeadError::BadRequest(_)
+        ));
+        assert!(matches!(
+            bad("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, gzip\r\n\r\n"),
+            HeadError::BadRequest(_)
+        ));
+        assert!(matches!(
+            bad("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"),
+            HeadError::NotImplemented(_)
+        ));
+        assert!(matches!(
+            bad("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            HeadError::BadRequest(_)
+        ));
+        assert!(matches!(
+            bad("GET / HTTP/1.1\r\n\r\n"),
+            HeadError::BadRequest(_)
+        ));
+        assert!(matches!(
+            bad("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"),
+            HeadError::BadRequest(_)
+        ));
+        assert!(matches!(
+            bad("CONNECT x:443 HTTP/1.1\r\nHost: x\r\n\r\n"),
+            HeadError::NotImplemented(_)
+        ));
+        assert!(matches!(
+            bad("GET / HTTP/1.1\r\nHost: x\r\nExpect: magic\r\n\r\n"),
+            HeadError::ExpectationFailed
+        ));
+
+        let chunked =
+            forward("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked\r\n\r\n").unwrap();
+        assert_eq!(chunked.framing, Framing::CHUNKED);
+        assert!(fields(&chunked).ends_with("transfer-encoding: chunked\r\n\r\n"));
+        let sized = forward("PUT / HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 5\r\n\r\n").unwrap();
+        assert_eq!(sized.framing, Framing::Length(5));
+        assert!(fields(&sized).ends_with("content-length: 5\r\n\r\n"));
+    }
+
+    #[test]
+    fn absolute_form_targets_become_origin_form() {
+        let head = forward("GET http://example.com:81?x=1 HTTP/1.0\r\n\r\n").unwrap();
+        assert_eq!(head.request_line, b"GET /?x=1 HTTP/1.1\r\n");
+        assert!(fields(&head).starts_with("host: example.com:81\r\n"));
+        assert!(!head.keep_alive && !head.http11);
+    }
+
+    #[test]
+    fn responses_lose_hop_by_hop_and_framing_fields() {
+        let raw = b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\n\
+                    Content-Length: 3\r\nServer: b\r\n\r\nabc";
+        let ParsedResponse::Final(len, head) = parse_response(raw, false).unwrap() else {
+            panic!("complete");
+        };
+        assert_eq!(&raw[len..], b"abc");
+        assert_eq!(head.head, b"HTTP/1.1 200 OK\r\nServer: b\r\n");
+        assert_eq!(head.framing, Framing::Length(3));
+        assert!(head.reusable);
+
+        let ParsedResponse::Final(_, head) =
+            parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", true).unwrap()
+        else {
+            panic!("complete");
+        };
+        assert_eq!(
+            (head.framing, head.declared_length),
+            (Framing::Done, Some(9))
+        );
+
+        let ParsedResponse::Final(_, head) = parse_response(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\nTransfer-Encoding: chunked\r\n\r\n",
+            false,
+        )
+        .unwrap() else {
+            panic!("complete");
+        };
+        assert_eq!(head.framing, Framing::CHUNKED);
+        assert!(!head.reusable);
+
+        let ParsedResponse::Final(_, head) =
+            parse_response(b"HTTP/1.0 200 OK\r\n\r\n", false).unwrap()
+        else {
+            panic!("complete");
+        };
+        assert_eq!(head.framing, Framing::UntilClose);
+        assert!(!head.reusable);
+
+        assert!(matches!(
+            parse_response(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200", false),
+            Ok(ParsedResponse::Interim(25))
+        ));
+        assert!(parse_response(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            false
+        )
+        .is_err());
     }
 }

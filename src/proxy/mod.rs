@@ -1,25 +1,31 @@
-//! The HTTP/1.1 proxy: accepts clients (hyper server), asks the balancer for
-//! a backend, forwards over a pooled keep-alive client, and streams both
-//! bodies; and the config generations it serves, swapped atomically on
-//! reload.
+//! The HTTP/1.1 proxy and the config generations it serves, swapped
+//! atomically on reload.
 //!
-//! One request, start to end:
-//! accept -> `forward::handle` takes the current [`State`] -> pool snapshot
-//! of eligible backends -> strategy `select` ->
+//! Serving is split over `worker_threads` threads, each with its own
+//! single-threaded event loop that accepts client connections and serves
+//! them start to end, backend connections included: nothing on the request
+//! path crosses to another thread except the strategy call.
+//!
+//! One request, start to end ([`downstream`] -> [`forward`] ->
+//! [`upstream`]): the request head is read and checked, then rewritten for
+//! the backend as bytes ([`headers`]) -> the current [`State`] gives a pool
+//! snapshot of eligible backends -> strategy `select` ->
 //! [`ConnectionGuard`](crate::server::ConnectionGuard) raises the backend's
-//! active count -> pooled client forwards -> response streams back -> the
-//! [`Completion`] drops with the last byte: guard released, request counted
-//! and timed. A failed connect marks the backend (passive health) and the
-//! request is retried elsewhere when that is safe.
+//! active count -> the head (and body, streamed) go out over a pooled
+//! keep-alive connection of this thread -> the response head is rewritten
+//! for the client and written with what of the body already arrived, the
+//! rest streams -> the request is counted and timed, the guard released. A
+//! failed connect marks the backend (passive health) and the request is
+//! retried elsewhere when that is safe.
 
-mod body;
+mod downstream;
 mod error;
 mod forward;
 mod headers;
+mod http1;
 mod upstream;
 
 use std::cell::RefCell;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -27,16 +33,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{oneshot, watch, Notify};
 use tokio::task::AbortHandle;
 
-pub use body::{BodySlot, Completion, RequestBody, ResponseBody};
 pub use error::{describe as describe_error, ProxyError};
-pub use headers::{add_forwarded, remove_hop_by_hop};
+pub use headers::{
+    parse_request, parse_response, HeadError, ParsedResponse, RequestHead, ResponseHead,
+};
+pub use http1::Framing;
 
 use crate::balancer::{self, BackendView, Balancer, Decision, LoadError};
 use crate::config::{Config, ConfigError, DEFAULT_LISTEN_BACKLOG};
@@ -44,9 +49,6 @@ use crate::health;
 use crate::metrics::{admin, Metrics};
 use crate::server::{Backend, Pool};
 use crate::throttle::LogThrottle;
-
-/// hyper's smallest read buffer.
-const MIN_HEADER_BUFFER: usize = 8192;
 
 /// One config generation: everything a request needs. A reload builds a new
 /// one and swaps it in; requests in flight keep the one they started with.
@@ -305,8 +307,8 @@ impl Proxy {
         let admin_address = config.admin_address;
         let tuning = config.tuning;
         let state = State::new(config, None, &metrics)?;
-        let listener = bind(address, tuning.listen_backlog)?;
-        let local_addr = listener
+        let listeners = bind_per_worker(address, tuning.listen_backlog, tuning.worker_threads)?;
+        let local_addr = listeners[0]
             .local_addr()
             .map_err(|source| StartError::Bind { address, source })?;
         let admin_listener = match admin_address {
@@ -333,13 +335,7 @@ impl Proxy {
             tokio::spawn(admin::serve(listener, Arc::clone(&shared), signal.clone()));
         }
         let mut workers = Vec::with_capacity(tuning.worker_threads);
-        for id in 0..tuning.worker_threads {
-            // Every worker accepts from the same listening socket (its own
-            // descriptor of it) and serves what it accepted on its own
-            // event loop.
-            let listener = listener
-                .try_clone()
-                .map_err(|source| StartError::Bind { address, source })?;
+        for (id, listener) in listeners.into_iter().enumerate() {
             let (done, finished) = oneshot::channel();
             let worker = Worker {
                 id,
@@ -429,6 +425,39 @@ impl std::fmt::Debug for Proxy {
 /// Binds a non-blocking listening socket with `SO_REUSEADDR` (so a restart
 /// does not wait for old connections in `TIME_WAIT`).
 fn bind(address: SocketAddr, backlog: u32) -> Result<std::net::TcpListener, StartError> {
+    let socket = socket_for(address, false)?;
+    listen(socket, address, backlog)
+}
+
+/// Binds one listening socket per worker on `address`, all with
+/// `SO_REUSEPORT`, so that the kernel spreads new connections evenly over
+/// the workers (as NGINX's `reuseport`). An exclusive bind first makes sure
+/// nothing else holds the address: `SO_REUSEPORT` alone would let a second
+/// balancer started on the same port share its traffic silently.
+fn bind_per_worker(
+    address: SocketAddr,
+    backlog: u32,
+    workers: usize,
+) -> Result<Vec<std::net::TcpListener>, StartError> {
+    if address.port() != 0 {
+        let probe = socket_for(address, false)?;
+        probe
+            .bind(address)
+            .map_err(|source| StartError::Bind { address, source })?;
+    }
+    let first = listen(socket_for(address, true)?, address, backlog)?;
+    // With port 0 the others join the port the first one got.
+    let bound = first
+        .local_addr()
+        .map_err(|source| StartError::Bind { address, source })?;
+    let mut listeners = vec![first];
+    for _ in 1..workers.max(1) {
+        listeners.push(listen(socket_for(bound, true)?, bound, backlog)?);
+    }
+    Ok(listeners)
+}
+
+fn socket_for(address: SocketAddr, reuse_port: bool) -> Result<TcpSocket, StartError> {
     let error = |source| StartError::Bind { address, source };
     let socket = if address.is_ipv4() {
         TcpSocket::new_v4()
@@ -437,6 +466,18 @@ fn bind(address: SocketAddr, backlog: u32) -> Result<std::net::TcpListener, Star
     }
     .map_err(error)?;
     socket.set_reuseaddr(true).map_err(error)?;
+    if reuse_port {
+        socket.set_reuseport(true).map_err(error)?;
+    }
+    Ok(socket)
+}
+
+fn listen(
+    socket: TcpSocket,
+    address: SocketAddr,
+    backlog: u32,
+) -> Result<std::net::TcpListener, StartError> {
+    let error = |source| StartError::Bind { address, source };
     socket.bind(address).map_err(error)?;
     let listener = socket.listen(backlog).map_err(error)?;
     listener.into_std().map_err(error)
@@ -480,7 +521,7 @@ impl Worker {
     }
 
     async fn serve(mut self, listener: TcpListener) {
-        let graceful = GracefulShutdown::new();
+        let connections = Arc::new(Connections::default());
         let shared = Arc::clone(&self.shared);
         let sweeper = tokio::spawn(async move {
             // Idle upstream connections past upstream_idle_timeout close.
@@ -496,7 +537,7 @@ impl Worker {
                     Ok((stream, peer)) => {
                         let limit = self.shared.state.load().config.clients.max_connections;
                         match ConnectionSlot::take(&self.shared, limit) {
-                            Some(slot) => self.serve_connection(stream, peer, slot, &graceful),
+                            Some(slot) => self.serve_connection(stream, peer, slot, &connections),
                             // Closed at once; the connections already open
                             // are not disturbed.
                             None => {
@@ -526,11 +567,13 @@ impl Worker {
             }
         };
         // New connections are refused from here on (once every worker has
-        // dropped its descriptor of the listener).
+        // dropped its descriptor of the listener). Idle connections close
+        // at once; busy ones after their response, which says
+        // `Connection: close`.
         drop(listener);
         sweeper.abort();
         tokio::select! {
-            () = graceful.shutdown() => tracing::debug!(worker = self.id, "all connections closed"),
+            () = connections.all_closed() => tracing::debug!(worker = self.id, "all connections closed"),
             () = tokio::time::sleep(timeout) => tracing::warn!(worker = self.id, "shutdown timeout ({timeout:?}) reached; closing remaining connections"),
         }
     }
@@ -540,37 +583,55 @@ impl Worker {
         stream: TcpStream,
         peer: SocketAddr,
         slot: ConnectionSlot,
-        graceful: &GracefulShutdown,
+        connections: &Arc<Connections>,
     ) {
-        let state = self.shared.state.load();
-        let limits = state.config.clients;
-        if state.config.tuning.tcp_nodelay {
+        if self.shared.state.load().config.tuning.tcp_nodelay {
             let _ = stream.set_nodelay(true);
         }
+        let client = peer.ip().to_canonical().to_string();
         let shared = Arc::clone(&self.shared);
-        let client = headers::client_value(peer.ip());
-        let service = service_fn(move |request| {
-            let shared = Arc::clone(&shared);
-            let client = client.clone();
-            async move { Ok::<_, Infallible>(forward::handle(shared, client, request).await) }
-        });
-        let connection = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .keep_alive(true)
-            // Starts when the connection waits for a request head, so it
-            // cuts off slow senders (slowloris) and idle keep-alive
-            // connections alike.
-            .header_read_timeout(limits.header_timeout)
-            // A head that does not fit is answered 431 by hyper.
-            .max_buf_size(limits.max_header_bytes.max(MIN_HEADER_BUFFER))
-            .serve_connection(TokioIo::new(stream), service);
-        let connection = graceful.watch(connection);
+        let shutdown = self.shutdown.clone();
+        let open = connections.open();
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%peer, "client connection ended: {error}");
-            }
+            downstream::serve(stream, client, shared, shutdown).await;
             drop(slot);
+            drop(open);
         });
+    }
+}
+
+/// The client connections a worker has open, so that shutdown can wait for
+/// them.
+#[derive(Default)]
+struct Connections {
+    open: AtomicUsize,
+    closed: Notify,
+}
+
+impl Connections {
+    fn open(self: &Arc<Self>) -> OpenConnection {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(Arc::clone(self))
+    }
+
+    async fn all_closed(&self) {
+        loop {
+            let notified = self.closed.notified();
+            if self.open.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+struct OpenConnection(Arc<Connections>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.closed.notify_waiters();
+        }
     }
 }
 

@@ -3,38 +3,25 @@
 //!
 //! A request is written and its response read by the task that serves the
 //! client's request, with no connection task, channel or lock in between;
-//! idle connections wait in a per-thread pool. Parsing is `httparse`'s (as
-//! in hyper); framing follows RFC 9112 §6: no body for `HEAD`, 1xx, 204 and
-//! 304, then `Transfer-Encoding: chunked`, then `Content-Length`, else the
-//! body runs to the end of the connection.
+//! idle connections wait in a per-thread pool. Heads are parsed and
+//! rewritten in [`super::headers`]; bodies are framed by
+//! [`super::http1::Framing`].
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::io;
-use std::mem::MaybeUninit;
-use std::pin::Pin;
-use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, HOST};
-use http::{Method, Response, StatusCode, Version};
-use http_body::{Body, Frame, SizeHint};
-use http_body_util::BodyExt;
-use tokio::io::AsyncWriteExt;
+use rustc_hash::FxHashMap;
 use tokio::net::TcpStream;
 
-use super::body::RequestBody;
+use super::downstream::ClientBody;
+use super::headers::{parse_response, ParsedResponse, RequestHead, ResponseHead};
+use super::http1::{self, read_more, write_all, Framing, LAST_CHUNK, READ_CHUNK};
 use crate::config::Tuning;
 
 /// Largest response head accepted from a backend.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
-/// Most header fields accepted in a response head (as hyper's default).
-const MAX_RESPONSE_HEADERS: usize = 100;
-/// Longest chunk-size line (with extensions) or trailer line.
-const MAX_CHUNK_LINE: usize = 4096;
-/// How much is read from a backend at a time.
-const READ_CHUNK: usize = 16 * 1024;
 
 /// Why an attempt failed.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +40,10 @@ pub enum UpstreamError {
     /// The backend's answer is not valid HTTP/1.
     #[error("invalid response: {0}")]
     Invalid(&'static str),
+    /// The client's request body could not be read (it broke the framing
+    /// it announced, or went away).
+    #[error("reading the client's body: {0}")]
+    Client(io::Error),
 }
 
 impl UpstreamError {
@@ -80,7 +71,7 @@ struct Idle {
 thread_local! {
     /// Idle keep-alive connections of this worker thread, by backend
     /// address; newest last.
-    static IDLE: RefCell<HashMap<String, Vec<Idle>>> = RefCell::new(HashMap::new());
+    static IDLE: RefCell<FxHashMap<String, Vec<Idle>>> = RefCell::new(FxHashMap::default());
 }
 
 /// Takes the newest idle connection to `address` that is still open, or
@@ -160,88 +151,45 @@ pub fn sweep(idle_timeout: Duration) {
 pub struct Limits {
     /// Time to connect.
     pub connect_timeout: Duration,
+    /// Longest wait for a backend's next bytes once the request is sent.
+    pub read_timeout: Duration,
     /// Socket and pool settings.
     pub tuning: Tuning,
 }
 
-/// A request head ready to be written: everything up to and including the
-/// blank line.
+/// A backend's answer: its head, rewritten for the client, and its body,
+/// still on the connection.
 #[derive(Debug)]
-pub struct RequestHead {
-    bytes: Vec<u8>,
-    head_request: bool,
+pub struct UpstreamResponse {
+    /// The head.
+    pub head: ResponseHead,
+    /// The body.
+    pub body: UpstreamBody,
 }
 
-impl RequestHead {
-    /// Encodes `method target HTTP/1.1` and `headers` (already rewritten
-    /// for this hop). A request without `Host` gets `host` (the backend's
-    /// address). A body of unknown length is sent chunked.
-    pub fn encode(
-        method: &Method,
-        target: &str,
-        headers: &HeaderMap,
-        host: &str,
-        body: &RequestBody,
-    ) -> RequestHead {
-        let mut bytes = Vec::with_capacity(256);
-        bytes.extend_from_slice(method.as_str().as_bytes());
-        bytes.push(b' ');
-        bytes.extend_from_slice(target.as_bytes());
-        bytes.extend_from_slice(b" HTTP/1.1\r\n");
-        if !headers.contains_key(HOST) {
-            bytes.extend_from_slice(b"host: ");
-            bytes.extend_from_slice(host.as_bytes());
-            bytes.extend_from_slice(b"\r\n");
-        }
-        for (name, value) in headers {
-            bytes.extend_from_slice(name.as_str().as_bytes());
-            bytes.extend_from_slice(b": ");
-            bytes.extend_from_slice(value.as_bytes());
-            bytes.extend_from_slice(b"\r\n");
-        }
-        if !body.is_end_stream() && !headers.contains_key(CONTENT_LENGTH) {
-            bytes.extend_from_slice(b"transfer-encoding: chunked\r\n");
-        }
-        bytes.extend_from_slice(b"\r\n");
-        RequestHead {
-            bytes,
-            head_request: method == Method::HEAD,
-        }
-    }
-}
-
-/// Sends one request to `address` over an idle connection of this thread
-/// or a new one, and reads the response head. The body streams when the
-/// returned response's body is polled; the connection goes back to the
-/// pool after it, if the exchange allows.
+/// Sends `head` (and `body`) to `address` over an idle connection of this
+/// thread or a new one, and reads the response head.
 pub async fn send(
     address: &str,
     head: &RequestHead,
-    body: RequestBody,
+    body: &mut ClientBody<'_>,
     limits: Limits,
-) -> Result<Response<UpstreamBody>, UpstreamError> {
-    let mut body = Some(body);
+) -> Result<UpstreamResponse, UpstreamError> {
     loop {
         let connection = match checkout(address, limits.tuning.upstream_idle_timeout) {
             Some(connection) => connection,
             None => connect(address, limits).await?,
         };
         let reused = connection.reused;
-        let replayable = body.as_ref().is_some_and(|b| b.is_end_stream());
-        let attempt_body = if replayable {
-            RequestBody::empty()
-        } else {
-            body.take().unwrap_or_else(RequestBody::empty)
-        };
-        match exchange(connection, head, attempt_body).await {
-            // A pooled connection the backend had closed: nothing reached
-            // it, so a bodiless request goes again on a fresh connection.
-            Err(UpstreamError::StaleConnection) if reused && replayable => continue,
+        match exchange(connection, address, head, body, limits).await {
+            // A pooled connection the backend had closed: nothing of the
+            // body was read yet, so the request goes again on a fresh
+            // connection.
+            Err(UpstreamError::StaleConnection) if reused && !body.started() => continue,
             Err(UpstreamError::StaleConnection) => {
                 return Err(UpstreamError::Io(io::ErrorKind::ConnectionReset.into()))
             }
-            Err(error) => return Err(error),
-            Ok(exchange) => return Ok(exchange.into_response(address, limits.tuning)),
+            other => return other,
         }
     }
 }
@@ -271,81 +219,67 @@ async fn connect(address: &str, limits: Limits) -> Result<Connection, UpstreamEr
     })
 }
 
-/// A response head read, and the connection its body follows on.
-struct Exchange {
-    connection: Connection,
-    parts: http::response::Parts,
-    framing: Framing,
-    /// Whether the connection may serve another request afterwards.
-    keep_alive: bool,
-}
-
-impl Exchange {
-    fn into_response(self, address: &str, tuning: Tuning) -> Response<UpstreamBody> {
-        let Exchange {
-            connection,
-            parts,
-            framing,
-            keep_alive,
-        } = self;
-        let mut body = UpstreamBody {
-            connection: Some(connection),
-            framing,
-            pool: keep_alive.then(|| (address.to_string(), tuning.upstream_keepalive)),
-        };
-        if matches!(body.framing, Framing::Done) {
-            body.finish();
-        }
-        Response::from_parts(parts, body)
-    }
-}
-
 async fn exchange(
     mut connection: Connection,
+    address: &str,
     head: &RequestHead,
-    body: RequestBody,
-) -> Result<Exchange, UpstreamError> {
-    let mut request_done = body.is_end_stream();
+    body: &mut ClientBody<'_>,
+    limits: Limits,
+) -> Result<UpstreamResponse, UpstreamError> {
+    let host_line;
+    let host: &[u8] = if head.has_host {
+        &[]
+    } else {
+        host_line = format!("host: {address}\r\n");
+        host_line.as_bytes()
+    };
+    let parts = [&head.request_line[..], host, &head.fields[..]];
+    let head_request = head.method == http::Method::HEAD;
+    let Connection {
+        stream,
+        buf,
+        reused,
+    } = &mut connection;
+    let stream: &TcpStream = stream;
+    let reused = *reused;
+    if let Err(error) = write_all(stream, &parts, None).await {
+        return Err(stale_or(reused, error));
+    }
+    let mut request_done = body.is_done();
     let response = if request_done {
-        if let Err(error) = connection.stream.write_all(&head.bytes).await {
-            return Err(stale_or(connection.reused, error));
-        }
-        read_head(&mut connection, head.head_request).await?
+        read_head(stream, buf, reused, head_request).await?
     } else {
         // The body is written while the head is awaited: a backend may
         // answer (413, say) before reading all of it.
-        let chunked = !std::str::from_utf8(&head.bytes)
-            .unwrap_or("")
-            .contains("\r\ncontent-length:");
-        let Connection {
-            stream,
-            buf,
-            reused,
-            ..
-        } = &mut connection;
-        let (mut reader, mut writer) = stream.split();
-        let write = write_request(&mut writer, &head.bytes, body, chunked);
-        let read = read_head_from(&mut reader, buf, *reused, head.head_request);
+        let chunked = matches!(head.framing, Framing::Chunked(_));
+        let write = send_body(stream, body, chunked);
+        let read = read_head(stream, buf, reused, head_request);
         tokio::pin!(write, read);
         loop {
             tokio::select! {
                 written = &mut write, if !request_done => {
-                    written.map_err(|e| stale_or(*reused, e))?;
+                    written?;
                     request_done = true;
                 }
                 response = &mut read => break response?,
             }
         }
     };
-    let (parts, framing, mut keep_alive) = response;
     // What remains of an unsent body cannot be sent later: the connection
     // is not reused.
-    keep_alive &= request_done;
-    Ok(Exchange {
-        connection,
-        parts,
-        framing,
-        keep_alive,
+    let reusable = response.reusable && request_done;
+    let mut body = UpstreamBody {
+        framing: response.framing,
+        connection: Some(connection),
+        pool: reusable.then(|| (address.to_string(), limits.tuning.upstream_keepalive)),
+        read_timeout: limits.read_timeout,
+    };
+    if body.framing.is_done() {
+        body.finish();
+    }
+    Ok(UpstreamResponse {
+        head: response,
+        body,
     })
 }
 
@@ -364,83 +298,52 @@ fn stale_or(reused: bool, error: io::Error) -> UpstreamError {
     }
 }
 
-async fn write_request(
-    writer: &mut tokio::net::tcp::WriteHalf<'_>,
-    head: &[u8],
-    mut body: RequestBody,
+async fn send_body(
+    stream: &TcpStream,
+    body: &mut ClientBody<'_>,
     chunked: bool,
-) -> io::Result<()> {
-    writer.write_all(head).await?;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(io::Error::other)?;
-        let Ok(mut data) = frame.into_data() else {
-            // Trailers are not forwarded.
-            continue;
-        };
-        if data.is_empty() {
-            continue;
-        }
-        if chunked {
-            writer
-                .write_all(format!("{:x}\r\n", data.len()).as_bytes())
-                .await?;
-            writer.write_all_buf(&mut data).await?;
-            writer.write_all(b"\r\n").await?;
-        } else {
-            writer.write_all_buf(&mut data).await?;
-        }
+) -> Result<(), UpstreamError> {
+    while let Some(data) = body.next().await.map_err(UpstreamError::Client)? {
+        http1::write_body(stream, &data, chunked, None)
+            .await
+            .map_err(UpstreamError::Io)?;
     }
     if chunked {
-        writer.write_all(b"0\r\n\r\n").await?;
+        write_all(stream, &[LAST_CHUNK], None)
+            .await
+            .map_err(UpstreamError::Io)?;
     }
     Ok(())
 }
 
-type Head = (http::response::Parts, Framing, bool);
-
-async fn read_head(connection: &mut Connection, head_request: bool) -> Result<Head, UpstreamError> {
-    let Connection {
-        stream,
-        buf,
-        reused,
-    } = connection;
-    let (mut reader, _) = stream.split();
-    read_head_from(&mut reader, buf, *reused, head_request).await
-}
-
 /// Reads until a final (non-1xx) response head is in `buf`, parses it and
 /// takes it out of `buf`.
-async fn read_head_from(
-    reader: &mut tokio::net::tcp::ReadHalf<'_>,
+async fn read_head(
+    stream: &TcpStream,
     buf: &mut BytesMut,
     reused: bool,
     head_request: bool,
-) -> Result<Head, UpstreamError> {
+) -> Result<ResponseHead, UpstreamError> {
     let mut received_any = false;
     loop {
         if !buf.is_empty() {
             received_any = true;
-            match parse_head(buf, head_request)? {
-                Parsed::Final(head) => return Ok(head),
-                Parsed::Interim => continue,
-                Parsed::Partial => {}
-            }
-        }
-        if buf.len() >= MAX_RESPONSE_HEAD {
-            return Err(UpstreamError::Invalid("response head too large"));
-        }
-        buf.reserve(READ_CHUNK);
-        let read = loop {
-            match reader.try_read_buf(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if let Err(e) = reader.readable().await {
-                        break Err(e);
-                    }
+            match parse_response(buf, head_request).map_err(UpstreamError::Invalid)? {
+                ParsedResponse::Final(len, head) => {
+                    buf.advance(len);
+                    return Ok(head);
                 }
-                other => break other,
+                ParsedResponse::Interim(len) => {
+                    buf.advance(len);
+                    continue;
+                }
+                ParsedResponse::Partial => {}
             }
-        };
-        match read {
+            if buf.len() >= MAX_RESPONSE_HEAD {
+                return Err(UpstreamError::Invalid("response head too large"));
+            }
+        }
+        match read_more(stream, buf).await {
             Ok(0) if reused && !received_any => return Err(UpstreamError::StaleConnection),
             Ok(0) => {
                 return Err(UpstreamError::Io(io::Error::new(
@@ -464,163 +367,6 @@ async fn read_head_from(
     }
 }
 
-enum Parsed {
-    Final(Head),
-    /// A 1xx head was consumed; another head follows.
-    Interim,
-    Partial,
-}
-
-fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Parsed, UpstreamError> {
-    let mut fields = [const { MaybeUninit::uninit() }; MAX_RESPONSE_HEADERS];
-    let mut response = httparse::Response::new(&mut []);
-    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
-        &mut response,
-        buf,
-        &mut fields,
-    );
-    let len = match parsed {
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
-        Err(httparse::Error::TooManyHeaders) => {
-            return Err(UpstreamError::Invalid("too many header fields"))
-        }
-        Err(_) => return Err(UpstreamError::Invalid("malformed response head")),
-    };
-    let code = response.code.unwrap_or(0);
-    let status =
-        StatusCode::from_u16(code).map_err(|_| UpstreamError::Invalid("invalid status code"))?;
-    if status.is_informational() {
-        if status == StatusCode::SWITCHING_PROTOCOLS {
-            return Err(UpstreamError::Invalid("unrequested protocol switch"));
-        }
-        buf.advance(len);
-        return Ok(Parsed::Interim);
-    }
-    let version = match response.version {
-        Some(1) => Version::HTTP_11,
-        _ => Version::HTTP_10,
-    };
-    // Where each name and value sits in the head, so that the values can
-    // be slices of the head, shared rather than copied, once it is split
-    // off the buffer.
-    let base = buf.as_ptr() as usize;
-    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_RESPONSE_HEADERS];
-    let count = response.headers.len();
-    for (span, field) in spans.iter_mut().zip(response.headers.iter()) {
-        let name = field.name.as_ptr() as usize - base;
-        let value = field.value.as_ptr() as usize - base;
-        // A head is at most MAX_RESPONSE_HEAD (+ one read) bytes long.
-        *span = (
-            name as u32,
-            field.name.len() as u32,
-            value as u32,
-            field.value.len() as u32,
-        );
-    }
-    let head = buf.split_to(len).freeze();
-    let mut map = HeaderMap::with_capacity(count);
-    for &(name, name_len, value, value_len) in &spans[..count] {
-        let (name, value) = (name as usize, value as usize);
-        let name = HeaderName::from_bytes(&head[name..name + name_len as usize])
-            .map_err(|_| UpstreamError::Invalid("invalid header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(value..value + value_len as usize))
-            .map_err(|_| UpstreamError::Invalid("invalid header value"))?;
-        map.append(name, value);
-    }
-    let (framing, framing_keeps_alive) = framing(&map, status, head_request)?;
-    let keep_alive = framing_keeps_alive
-        && version == Version::HTTP_11
-        && !map
-            .get_all(CONNECTION)
-            .iter()
-            .any(|v| has_token(v.as_bytes(), b"close"));
-    let mut parts = Response::new(()).into_parts().0;
-    parts.status = status;
-    parts.version = version;
-    parts.headers = map;
-    Ok(Parsed::Final((parts, framing, keep_alive)))
-}
-
-/// How the body is delimited (RFC 9112 §6.3), and whether the connection
-/// can carry another message after it.
-fn framing(
-    headers: &HeaderMap,
-    status: StatusCode,
-    head_request: bool,
-) -> Result<(Framing, bool), UpstreamError> {
-    if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
-        return Ok((Framing::Done, true));
-    }
-    if let Some(last) = headers
-        .get_all(http::header::TRANSFER_ENCODING)
-        .iter()
-        .next_back()
-    {
-        let chunked = last
-            .as_bytes()
-            .rsplit(|b| *b == b',')
-            .next()
-            .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        // With Content-Length as well, the message is suspect (RFC 9112
-        // §6.3): Transfer-Encoding wins and the connection is not reused.
-        let reusable = chunked && !headers.contains_key(CONTENT_LENGTH);
-        return Ok(if chunked {
-            (Framing::Chunked(Chunked::Size), reusable)
-        } else {
-            (Framing::UntilClose, false)
-        });
-    }
-    let mut length = None;
-    for value in headers.get_all(CONTENT_LENGTH) {
-        for part in value.as_bytes().split(|b| *b == b',') {
-            let n = std::str::from_utf8(part.trim_ascii())
-                .ok()
-                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|s| s.parse::<u64>().ok())
-                .ok_or(UpstreamError::Invalid("invalid content-length"))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(UpstreamError::Invalid("conflicting content-length"));
-            }
-            length = Some(n);
-        }
-    }
-    Ok(match length {
-        Some(0) => (Framing::Done, true),
-        Some(n) => (Framing::Length(n), true),
-        None => (Framing::UntilClose, false),
-    })
-}
-
-fn has_token(value: &[u8], token: &[u8]) -> bool {
-    value
-        .split(|b| *b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
-}
-
-#[derive(Debug)]
-enum Framing {
-    /// Fully read.
-    Done,
-    /// This many bytes to go.
-    Length(u64),
-    Chunked(Chunked),
-    /// Until the backend closes the connection.
-    UntilClose,
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Chunked {
-    /// Expecting a chunk-size line.
-    Size,
-    /// In a chunk's data, this many bytes to go.
-    Data(u64),
-    /// Expecting the CRLF after a chunk's data.
-    DataEnd,
-    /// After the last chunk: trailer lines up to an empty one.
-    Trailers,
-}
-
 /// A backend's response body, read from its connection as the client takes
 /// it.
 #[derive(Debug)]
@@ -630,9 +376,20 @@ pub struct UpstreamBody {
     /// Where the connection goes when the body has been read, if it may be
     /// reused: the backend address and the pool size.
     pool: Option<(String, usize)>,
+    read_timeout: Duration,
 }
 
 impl UpstreamBody {
+    /// Whether the body has been read completely.
+    pub fn is_done(&self) -> bool {
+        self.framing.is_done()
+    }
+
+    /// The connection's framing of this body.
+    pub fn framing(&self) -> Framing {
+        self.framing
+    }
+
     /// The body has been read completely: the connection goes back to the
     /// pool, if it may.
     fn finish(&mut self) {
@@ -644,190 +401,47 @@ impl UpstreamBody {
         }
     }
 
-    /// Reads more from the backend into the buffer; `Ok(0)` at its end.
-    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+    /// The next piece of body already received, without waiting.
+    pub fn next_buffered(&mut self) -> io::Result<Option<Bytes>> {
         let Some(connection) = self.connection.as_mut() else {
-            return Poll::Ready(Ok(0));
+            return Ok(None);
         };
-        connection.buf.reserve(READ_CHUNK);
-        loop {
-            match connection.stream.try_read_buf(&mut connection.buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    ready!(connection.stream.poll_read_ready(cx))?;
-                }
-                other => return Poll::Ready(other),
-            }
+        let data = self.framing.decode(&mut connection.buf)?;
+        if self.framing.is_done() {
+            self.finish();
         }
+        Ok(data)
     }
 
-    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Bytes>>> {
+    /// The next piece of body; `None` at its end. Waiting longer than the
+    /// read timeout for the backend's next bytes is an error.
+    pub async fn next(&mut self) -> io::Result<Option<Bytes>> {
         loop {
-            let buffered = self.connection.as_ref().map_or(0, |c| c.buf.len());
-            match self.framing {
-                Framing::Done => return Poll::Ready(None),
-                Framing::Length(remaining) => {
-                    if buffered > 0 {
-                        let n = buffered.min(usize::try_from(remaining).unwrap_or(usize::MAX));
-                        let data = self.take(n);
-                        let remaining = remaining - n as u64;
-                        if remaining == 0 {
-                            self.finish();
-                        } else {
-                            self.framing = Framing::Length(remaining);
-                        }
-                        return Poll::Ready(Some(Ok(data)));
-                    }
-                    if ready!(self.poll_fill(cx))? == 0 {
-                        return Poll::Ready(Some(Err(eof("the body was cut short"))));
-                    }
-                }
-                Framing::UntilClose => {
-                    if buffered > 0 {
-                        return Poll::Ready(Some(Ok(self.take(buffered))));
-                    }
-                    if ready!(self.poll_fill(cx))? == 0 {
-                        // The end of the connection is the end of the body.
-                        self.framing = Framing::Done;
-                        self.connection = None;
-                        return Poll::Ready(None);
-                    }
-                }
-                Framing::Chunked(state) => {
-                    if let Some(data) = self.step_chunked(state)? {
-                        return Poll::Ready(Some(Ok(data)));
-                    }
-                    if matches!(self.framing, Framing::Done) {
-                        return Poll::Ready(None);
-                    }
-                    if ready!(self.poll_fill(cx))? == 0 {
-                        return Poll::Ready(Some(Err(eof("the chunked body was cut short"))));
-                    }
-                }
+            if let Some(data) = self.next_buffered()? {
+                return Ok(Some(data));
             }
-        }
-    }
-
-    /// Advances the chunked decoder over what is buffered; returns data
-    /// when some is ready, `None` when it needs more input (or is done).
-    fn step_chunked(&mut self, mut state: Chunked) -> io::Result<Option<Bytes>> {
-        loop {
             let Some(connection) = self.connection.as_mut() else {
-                return Err(eof("the chunked body was cut short"));
+                return Ok(None);
             };
-            let buf = &mut connection.buf;
-            match state {
-                Chunked::Size => {
-                    let Some(line) = take_line(buf)? else { break };
-                    let digits = line[..]
-                        .split(|b: &u8| *b == b';')
-                        .next()
-                        .unwrap_or(&[])
-                        .trim_ascii();
-                    let size = std::str::from_utf8(digits)
-                        .ok()
-                        .filter(|s| !s.is_empty() && s.len() <= 16)
-                        .and_then(|s| u64::from_str_radix(s, 16).ok())
-                        .ok_or_else(|| invalid("invalid chunk size"))?;
-                    state = if size == 0 {
-                        Chunked::Trailers
-                    } else {
-                        Chunked::Data(size)
-                    };
-                }
-                Chunked::Data(remaining) => {
-                    if buf.is_empty() {
-                        break;
-                    }
-                    let n = buf
-                        .len()
-                        .min(usize::try_from(remaining).unwrap_or(usize::MAX));
-                    let data = buf.split_to(n).freeze();
-                    let remaining = remaining - n as u64;
-                    self.framing = Framing::Chunked(if remaining == 0 {
-                        Chunked::DataEnd
-                    } else {
-                        Chunked::Data(remaining)
-                    });
-                    return Ok(Some(data));
-                }
-                Chunked::DataEnd => {
-                    let Some(line) = take_line(buf)? else { break };
-                    if !line.is_empty() {
-                        return Err(invalid("missing CRLF after chunk data"));
-                    }
-                    state = Chunked::Size;
-                }
-                Chunked::Trailers => {
-                    let Some(line) = take_line(buf)? else { break };
-                    if line.is_empty() {
-                        self.finish();
-                        return Ok(None);
-                    }
-                }
+            if self.framing.is_done() {
+                return Ok(None);
             }
-        }
-        self.framing = Framing::Chunked(state);
-        Ok(None)
-    }
-
-    fn take(&mut self, n: usize) -> Bytes {
-        match self.connection.as_mut() {
-            Some(connection) => connection.buf.split_to(n).freeze(),
-            None => Bytes::new(),
-        }
-    }
-}
-
-/// Takes one CRLF-terminated line (without the CRLF) out of `buf`.
-fn take_line(buf: &mut BytesMut) -> io::Result<Option<BytesMut>> {
-    match buf.iter().position(|b| *b == b'\n') {
-        Some(end) => {
-            let mut line = buf.split_to(end + 1);
-            line.truncate(end);
-            if line.last() == Some(&b'\r') {
-                line.truncate(end - 1);
+            let read = tokio::time::timeout(
+                self.read_timeout,
+                read_more(&connection.stream, &mut connection.buf),
+            )
+            .await
+            .map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the backend stopped sending its body",
+                )
+            })??;
+            if read == 0 {
+                self.connection = None;
+                self.framing.at_eof()?;
+                return Ok(None);
             }
-            Ok(Some(line))
-        }
-        None if buf.len() > MAX_CHUNK_LINE => Err(invalid("chunk line too long")),
-        None => Ok(None),
-    }
-}
-
-fn eof(what: &'static str) -> io::Error {
-    io::Error::new(io::ErrorKind::UnexpectedEof, what)
-}
-
-fn invalid(what: &'static str) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, what)
-}
-
-impl Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = io::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
-        let this = self.get_mut();
-        let polled = ready!(this.poll_data(cx));
-        if let Some(Err(_)) = &polled {
-            this.framing = Framing::Done;
-            this.connection = None;
-        }
-        Poll::Ready(polled.map(|r| r.map(Frame::data)))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        matches!(self.framing, Framing::Done)
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self.framing {
-            Framing::Done => SizeHint::with_exact(0),
-            Framing::Length(n) => SizeHint::with_exact(n),
-            _ => SizeHint::default(),
         }
     }
 }

@@ -1,0 +1,402 @@
+//! The client side of the proxy: one task per client connection reads
+//! request heads, has each request forwarded, and writes the answer back,
+//! keeping the connection for the next request when both sides allow.
+//!
+//! Limits (all from the config generation current when a request starts):
+//! a new connection has `client_header_timeout` to send its first complete
+//! head; a kept-alive connection has `client_keepalive_timeout` to start its
+//! next one and then `client_header_timeout` to complete it; a head larger
+//! than `max_request_header_kib` gets 431; a malformed or ambiguous head
+//! gets 400 (see [`super::headers::parse_request`]). Every such answer
+//! closes the connection, and nothing of the request reaches a backend.
+
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Instant as Deadline;
+
+use super::error::ProxyError;
+use super::forward;
+use super::headers::{parse_request, HeadError, RequestHead};
+use super::http1::{read_more, write_all, write_body, Framing, LAST_CHUNK, READ_CHUNK};
+use super::upstream::UpstreamResponse;
+use super::{Shared, State};
+use crate::metrics::NO_BACKEND;
+use crate::server::ConnectionGuard;
+
+/// Serves one client connection until it closes, breaks the protocol, times
+/// out, or the balancer shuts down.
+pub(super) async fn serve(
+    stream: TcpStream,
+    client: String,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<Option<Duration>>,
+) {
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut first = true;
+    loop {
+        let state = shared.state.load_full();
+        let head = match read_head(&stream, &mut buf, &client, &state, first, &mut shutdown).await {
+            Ok(head) => head,
+            Err(HeadFailure::Closed) => return,
+            Err(HeadFailure::Refused(error)) => {
+                let status = match error {
+                    HeadError::BadRequest(_) => 400,
+                    HeadError::TooLarge => 431,
+                    HeadError::NotImplemented(_) => 501,
+                    HeadError::ExpectationFailed => 417,
+                };
+                tracing::debug!(%client, "refused a request head ({status}): {error}");
+                shared
+                    .metrics
+                    .record_request(NO_BACKEND, status, Duration::ZERO);
+                let _ = write_error(&stream, status, &error.to_string(), false, true).await;
+                return;
+            }
+        };
+        first = false;
+        let keep_going = serve_request(&stream, &mut buf, head, &shared, &state, &shutdown).await;
+        if !keep_going {
+            return;
+        }
+    }
+}
+
+enum HeadFailure {
+    /// The client went, was idle too long, or the balancer is stopping.
+    Closed,
+    /// The head is malformed or too large: answered, then closed.
+    Refused(HeadError),
+}
+
+/// Waits for and parses the next request head.
+async fn read_head(
+    stream: &TcpStream,
+    buf: &mut BytesMut,
+    client: &str,
+    state: &State,
+    first: bool,
+    shutdown: &mut watch::Receiver<Option<Duration>>,
+) -> Result<RequestHead, HeadFailure> {
+    let limits = state.config.clients;
+    let now = Deadline::now();
+    // A new connection has the head timeout from its start; a kept-alive
+    // one the keep-alive timeout until its next request starts.
+    let mut deadline = now
+        + if first {
+            limits.header_timeout
+        } else {
+            limits.keepalive_timeout
+        };
+    let mut started = first;
+    loop {
+        if !buf.is_empty() {
+            if !started {
+                started = true;
+                deadline = Deadline::now() + limits.header_timeout;
+            }
+            match parse_request(buf, client) {
+                Ok(Some((len, head))) if len <= limits.max_header_bytes => {
+                    buf.advance(len);
+                    return Ok(head);
+                }
+                Ok(Some(_)) => return Err(HeadFailure::Refused(HeadError::TooLarge)),
+                Ok(None) if buf.len() > limits.max_header_bytes => {
+                    return Err(HeadFailure::Refused(HeadError::TooLarge))
+                }
+                Ok(None) => {}
+                Err(error) => return Err(HeadFailure::Refused(error)),
+            }
+        } else if shutdown.borrow().is_some() {
+            return Err(HeadFailure::Closed);
+        }
+        let idle = buf.is_empty();
+        tokio::select! {
+            read = read_more(stream, buf) => match read {
+                Ok(0) | Err(_) => return Err(HeadFailure::Closed),
+                Ok(_) => {}
+            },
+            () = tokio::time::sleep_until(deadline) => {
+                if !idle {
+                    tracing::debug!(%client, "client_header_timeout: closing a connection with an incomplete request head");
+                }
+                return Err(HeadFailure::Closed);
+            }
+            // An idle connection closes at once when the balancer stops.
+            _ = shutdown.changed(), if idle => return Err(HeadFailure::Closed),
+        }
+    }
+}
+
+/// A client's request body, read from its connection as the backend
+/// connection takes it.
+#[derive(Debug)]
+pub struct ClientBody<'a> {
+    stream: &'a TcpStream,
+    buf: &'a mut BytesMut,
+    framing: Framing,
+    /// `100 Continue` is owed before the first read.
+    continue_pending: bool,
+    started: bool,
+    stall: Duration,
+}
+
+impl ClientBody<'_> {
+    /// Whether any of the body has been taken (so it cannot be sent again).
+    pub fn started(&self) -> bool {
+        self.started
+    }
+
+    /// Whether all of the body has been read (a request without one: at
+    /// once).
+    pub fn is_done(&self) -> bool {
+        self.framing.is_done()
+    }
+
+    /// The next piece of body; `None` at its end.
+    pub async fn next(&mut self) -> io::Result<Option<Bytes>> {
+        if self.framing.is_done() {
+            return Ok(None);
+        }
+        self.started = true;
+        if self.continue_pending {
+            self.continue_pending = false;
+            write_all(
+                self.stream,
+                &[b"HTTP/1.1 100 Continue\r\n\r\n"],
+                Some(self.stall),
+            )
+            .await?;
+        }
+        loop {
+            if let Some(data) = self.framing.decode(self.buf)? {
+                return Ok(Some(data));
+            }
+            if self.framing.is_done() {
+                return Ok(None);
+            }
+            let read = tokio::time::timeout(self.stall, read_more(self.stream, self.buf))
+                .await
+                .map_err(|_| {
+                    io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the client stopped sending its body",
+                    )
+                })??;
+            if read == 0 {
+                self.framing.at_eof()?;
+            }
+        }
+    }
+}
+
+/// Forwards one request and writes its answer. Returns whether the
+/// connection can carry another request.
+async fn serve_request(
+    stream: &TcpStream,
+    buf: &mut BytesMut,
+    head: RequestHead,
+    shared: &Shared,
+    state: &State,
+    shutdown: &watch::Receiver<Option<Duration>>,
+) -> bool {
+    let started = Instant::now();
+    let stall = state.config.clients.request_timeout;
+    let mut body = ClientBody {
+        stream,
+        buf,
+        framing: head.framing,
+        continue_pending: head.expect_continue && !head.framing.is_done(),
+        started: false,
+        stall,
+    };
+    let result = forward::forward(shared, state, &head, &mut body).await;
+    // An unread rest of the body leaves no way to find the next request.
+    let body_done = body.is_done();
+    let keep_alive = head.keep_alive && body_done && shutdown.borrow().is_none();
+    let (status, guard, ok) = match result {
+        Ok((response, guard)) => {
+            let status = response.head.status;
+            let (ok, keep_alive) = write_response(stream, response, &head, keep_alive, stall).await;
+            (status, Some(guard), ok && keep_alive)
+        }
+        Err(error) => {
+            let status = error.status().as_u16();
+            let close = !keep_alive || error == ProxyError::BadRequest;
+            let ok = write_error(
+                stream,
+                status,
+                &error.to_string(),
+                head.method == http::Method::HEAD,
+                close,
+            )
+            .await
+            .is_ok();
+            (status, None, ok && !close)
+        }
+    };
+    record(shared, state, guard, status, started, &head);
+    ok
+}
+
+/// Writes a backend's response: the head with this hop's framing fields,
+/// then the body as it arrives. Returns whether it was all written, and
+/// whether the connection may be kept.
+async fn write_response(
+    stream: &TcpStream,
+    response: UpstreamResponse,
+    request: &RequestHead,
+    keep_alive: bool,
+    stall: Duration,
+) -> (bool, bool) {
+    let UpstreamResponse { head, mut body } = response;
+    let mut out = head.head;
+    let mut keep_alive = keep_alive;
+    let chunked = match body.framing() {
+        Framing::Done => {
+            if let Some(n) = head.declared_length {
+                push_length(&mut out, n);
+            }
+            false
+        }
+        Framing::Length(n) => {
+            push_length(&mut out, n);
+            false
+        }
+        // A body of unknown length: chunked for HTTP/1.1 clients; an
+        // HTTP/1.0 client reads it to the end of the connection.
+        _ if request.http11 => {
+            out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+            true
+        }
+        _ => {
+            keep_alive = false;
+            false
+        }
+    };
+    if !keep_alive {
+        out.extend_from_slice(b"connection: close\r\n");
+    } else if !request.http11 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+
+    // What already arrived with the head goes out in the same write.
+    let first = match body.next_buffered() {
+        Ok(first) => first,
+        Err(error) => {
+            tracing::debug!("backend response body: {error}");
+            return (false, false);
+        }
+    };
+    let written = match &first {
+        Some(data) if chunked => {
+            let size = super::http1::chunk_size_line(data.len());
+            let end: &[u8] = if body.is_done() {
+                b"\r\n0\r\n\r\n"
+            } else {
+                b"\r\n"
+            };
+            write_all(stream, &[&out, size.as_bytes(), data, end], Some(stall)).await
+        }
+        Some(data) => write_all(stream, &[&out, data], Some(stall)).await,
+        None if chunked && body.is_done() => {
+            write_all(stream, &[&out, LAST_CHUNK], Some(stall)).await
+        }
+        None => write_all(stream, &[&out], Some(stall)).await,
+    };
+    if written.is_err() {
+        return (false, false);
+    }
+    if body.is_done() {
+        return (true, keep_alive);
+    }
+    loop {
+        match body.next().await {
+            Ok(Some(data)) => {
+                if write_body(stream, &data, chunked, Some(stall))
+                    .await
+                    .is_err()
+                {
+                    return (false, false);
+                }
+            }
+            Ok(None) => break,
+            Err(error) => {
+                // Too late for a status: the client sees the body end early
+                // (no last chunk, or fewer bytes than announced).
+                tracing::warn!("backend response body failed: {error}");
+                return (false, false);
+            }
+        }
+    }
+    if chunked && write_all(stream, &[LAST_CHUNK], Some(stall)).await.is_err() {
+        return (false, false);
+    }
+    (true, keep_alive)
+}
+
+fn push_length(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(b"content-length: ");
+    out.extend_from_slice(n.to_string().as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes a short plain-text answer of the balancer's own; internal details
+/// (backend addresses, OS errors) go to the log, not to the client.
+async fn write_error(
+    stream: &TcpStream,
+    status: u16,
+    reason: &str,
+    head_request: bool,
+    close: bool,
+) -> io::Result<()> {
+    let phrase = http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("Error");
+    let body = format!("{status} {phrase}: {reason}\n");
+    let head = format!(
+        "HTTP/1.1 {status} {phrase}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n{}\r\n",
+        body.len(),
+        if close { "connection: close\r\n" } else { "" }
+    );
+    let body: &[u8] = if head_request { b"" } else { body.as_bytes() };
+    write_all(
+        stream,
+        &[head.as_bytes(), body],
+        Some(Duration::from_secs(5)),
+    )
+    .await
+}
+
+/// Counts and times a finished request and, if enabled, logs it.
+fn record(
+    shared: &Shared,
+    state: &State,
+    guard: Option<ConnectionGuard>,
+    status: u16,
+    started: Instant,
+    head: &RequestHead,
+) {
+    let elapsed = started.elapsed();
+    let backend = guard.as_ref().map_or(NO_BACKEND, |g| g.backend().address());
+    shared.metrics.record_request(backend, status, elapsed);
+    if state.config.access_log {
+        // The path without its query, which may carry secrets.
+        let path = head.target.split('?').next().unwrap_or_default();
+        tracing::info!(
+            target: "access",
+            method = %head.method,
+            path,
+            status,
+            backend,
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            "request"
+        );
+    }
+}
