@@ -112,6 +112,46 @@ async fn expect_100_continue_works() {
     assert!(answer.ends_with("hello"), "{answer:?}");
 }
 
+#[tokio::test]
+async fn idle_keep_alive_connections_close_after_the_keepalive_timeout_not_the_header_timeout() {
+    let backend = TestBackend::start("b").await;
+    let mut config = config_for(&[&backend]);
+    config.clients.header_timeout = Duration::from_millis(300);
+    config.clients.keepalive_timeout = Duration::from_millis(1500);
+    let proxy = start_proxy(config).await;
+    let mut stream = TcpStream::connect(proxy.local_addr()).await.unwrap();
+    let request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+    let mut buf = [0u8; 4096];
+    stream.write_all(request).await.unwrap();
+    let n = stream.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    // Idle longer than the head timeout, well within the keep-alive one:
+    // the connection still serves.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    stream.write_all(request).await.unwrap();
+    let n = stream.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "kept alive");
+    // Idle past the keep-alive timeout: closed by the balancer.
+    let started = Instant::now();
+    let (rest, closed) = read_to_close(&mut stream, Duration::from_secs(5)).await;
+    assert!(closed && rest.is_empty(), "{rest:?}");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1400),
+        "closed after {waited:?}"
+    );
+    // A started head must still be completed within the head timeout.
+    let mut slow = TcpStream::connect(proxy.local_addr()).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let (answer, closed) = read_to_close(&mut slow, Duration::from_secs(5)).await;
+    assert!(closed && answer.is_empty(), "{answer:?}");
+    assert!(started.elapsed() < Duration::from_millis(1400));
+    assert_eq!(backend.hits(), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_connections_are_cut_off_while_others_are_served() {
     let backend = TestBackend::start("b").await;

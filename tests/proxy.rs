@@ -177,3 +177,37 @@ async fn forwarding_headers_are_set_and_hop_by_hop_headers_removed() {
     assert!(!seen.contains_key("x-private"), "{seen:?}");
     assert!(!seen.contains_key("proxy-authorization"), "{seen:?}");
 }
+
+#[tokio::test]
+async fn a_second_balancer_on_the_same_port_fails_to_start() {
+    let backend = TestBackend::start("a").await;
+    let first = start_proxy(config_for(&[&backend])).await;
+    let mut config = config_for(&[&backend]);
+    config.listen_address = first.local_addr();
+    let error = rust_load_balancer::Proxy::start(config)
+        .await
+        .expect_err("the port is taken");
+    assert!(
+        error.to_string().contains("in use"),
+        "names the problem: {error}"
+    );
+    // The first one keeps all the traffic.
+    let http = Http::new(first.local_addr());
+    for _ in 0..4 {
+        assert_eq!(http.get("/").await.status, StatusCode::OK);
+    }
+    assert_eq!(backend.hits(), 4);
+}
+
+#[tokio::test]
+async fn one_worker_thread_serves_too() {
+    let backends = [TestBackend::start("a").await, TestBackend::start("b").await];
+    let mut config = config_for(&backends.iter().collect::<Vec<_>>());
+    config.tuning.worker_threads = 1;
+    let proxy = start_proxy(config).await;
+    let http = Http::new(proxy.local_addr());
+    for _ in 0..10 {
+        assert_eq!(http.get("/").await.status, StatusCode::OK);
+    }
+    assert_eq!((backends[0].hits(), backends[1].hits()), (5, 5));
+}

@@ -255,14 +255,24 @@ async fn exchange(
         let write = send_body(stream, body, chunked);
         let read = read_head(stream, buf, reused, head_request);
         tokio::pin!(write, read);
-        loop {
+        let mut write_error = None;
+        let response = loop {
             tokio::select! {
-                written = &mut write, if !request_done => {
-                    written?;
-                    request_done = true;
-                }
-                response = &mut read => break response?,
+                written = &mut write, if !request_done && write_error.is_none() => match written {
+                    Ok(()) => request_done = true,
+                    // The client's body broke: nothing more will come.
+                    Err(error @ UpstreamError::Client(_)) => return Err(error),
+                    // The backend stopped reading: it may have answered
+                    // already (413, say), so the head is still awaited.
+                    Err(error) => write_error = Some(error),
+                },
+                response = &mut read => break response,
             }
+        };
+        match (response, write_error) {
+            (Ok(response), _) => response,
+            (Err(_), Some(error)) => return Err(error),
+            (Err(error), None) => return Err(error),
         }
     };
     // What remains of an unsent body cannot be sent later: the connection
