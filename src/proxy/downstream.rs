@@ -22,7 +22,11 @@ use tokio::time::Instant as Deadline;
 use super::error::ProxyError;
 use super::forward;
 use super::headers::{parse_request, HeadError, RequestHead};
-use super::http1::{read_more, write_all, write_body, Framing, LAST_CHUNK, READ_CHUNK};
+use super::http1::{read_more, write_all, write_body, Framing, LAST_CHUNK};
+
+/// The buffer a request head is first read into; it grows for larger heads
+/// (up to `max_request_header_kib`) and bodies.
+const HEAD_BUFFER: usize = 4096;
 use super::upstream::UpstreamResponse;
 use super::{Shared, State};
 use crate::metrics::NO_BACKEND;
@@ -36,7 +40,7 @@ pub(super) async fn serve(
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<Option<Duration>>,
 ) {
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut buf = BytesMut::new();
     let mut first = true;
     loop {
         let state = shared.state.load_full();
@@ -59,7 +63,13 @@ pub(super) async fn serve(
             }
         };
         first = false;
-        let keep_going = serve_request(&stream, &mut buf, head, &shared, &state, &shutdown).await;
+        // Boxed: the state of a request in flight is allocated for its
+        // duration only, so an idle connection stays small (about 10,000
+        // of them in a few MiB).
+        let keep_going = Box::pin(serve_request(
+            &stream, &mut buf, head, &shared, &state, &shutdown,
+        ))
+        .await;
         if !keep_going {
             return;
         }
@@ -115,8 +125,19 @@ async fn read_head(
             return Err(HeadFailure::Closed);
         }
         let idle = buf.is_empty();
+        if idle {
+            // No buffer while waiting: it is taken when bytes arrive.
+            give_back(std::mem::take(buf));
+        }
+        let read = async {
+            if idle {
+                stream.readable().await?;
+                *buf = take_buffer();
+            }
+            read_more(stream, buf).await
+        };
         tokio::select! {
-            read = read_more(stream, buf) => match read {
+            read = read => match read {
                 Ok(0) | Err(_) => return Err(HeadFailure::Closed),
                 Ok(_) => {}
             },
@@ -130,6 +151,37 @@ async fn read_head(
             _ = shutdown.changed(), if idle => return Err(HeadFailure::Closed),
         }
     }
+}
+
+thread_local! {
+    /// Empty head buffers of this worker, reused from request to request.
+    static BUFFERS: std::cell::RefCell<Vec<BytesMut>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Most spare buffers a worker keeps.
+const SPARE_BUFFERS: usize = 256;
+
+fn take_buffer() -> BytesMut {
+    BUFFERS
+        .with(|spare| spare.borrow_mut().pop())
+        .unwrap_or_else(|| BytesMut::with_capacity(HEAD_BUFFER))
+}
+
+/// Keeps `buf` for another request if it is an unshared buffer of the
+/// usual size.
+fn give_back(mut buf: BytesMut) {
+    buf.clear();
+    // `try_reclaim` succeeds only when no frozen part of it is alive; it
+    // moves the free space back to the start of the allocation.
+    if !buf.try_reclaim(HEAD_BUFFER) || buf.capacity() > 4 * HEAD_BUFFER {
+        return;
+    }
+    BUFFERS.with(|spare| {
+        let mut spare = spare.borrow_mut();
+        if spare.len() < SPARE_BUFFERS {
+            spare.push(buf);
+        }
+    });
 }
 
 /// A client's request body, read from its connection as the backend

@@ -14,6 +14,8 @@ use tokio::net::TcpStream;
 
 /// How much is read from a socket at a time.
 pub const READ_CHUNK: usize = 16 * 1024;
+/// Below this much free space a read first grows the buffer.
+const MIN_READ: usize = 1024;
 /// Longest chunk-size line (with extensions) or trailer line.
 const MAX_CHUNK_LINE: usize = 4096;
 
@@ -199,7 +201,9 @@ pub fn poll_read_more(
     cx: &mut Context<'_>,
     buf: &mut BytesMut,
 ) -> Poll<io::Result<usize>> {
-    buf.reserve(READ_CHUNK);
+    if buf.capacity() - buf.len() < MIN_READ {
+        buf.reserve(READ_CHUNK);
+    }
     loop {
         let asked = buf.capacity() - buf.len();
         let mut got = None;
