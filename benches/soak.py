@@ -173,7 +173,9 @@ def main():
     parser.add_argument("--binary", required=True)
     parser.add_argument("--seconds", type=int, default=600, help="length of the run (default 600)")
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=10, help="seconds before the start figures")
+    parser.add_argument("--warmup", type=int, default=60,
+                        help="seconds of the same churn before the start figures (default 60: "
+                             "more than one pass through every strategy and backend kill)")
     args = parser.parse_args()
 
     work = tempfile.mkdtemp(prefix="lb-soak-")
@@ -200,12 +202,21 @@ def main():
 
         load = Load(port, args.clients)
         load.start()
-        time.sleep(args.warmup)
-        rss_start, fds_start = proc_stats(balancer.pid)
-        started = time.time()
+        begun = time.time()
+        rss_start = fds_start = None
+        samples = []
         kills = reloads = 0
         step = 0
-        while time.time() - started < args.seconds:
+        # The warm-up runs the same churn as the measured part, so every
+        # strategy has been loaded and every backend killed once before the
+        # start figures are taken.
+        while time.time() - begun < args.warmup + args.seconds:
+            elapsed = time.time() - begun
+            if rss_start is None and elapsed >= args.warmup:
+                rss_start, fds_start = proc_stats(balancer.pid)
+                samples.append((round(elapsed), rss_start, fds_start))
+            elif rss_start is not None and elapsed - samples[-1][0] >= 60:
+                samples.append((round(elapsed), *proc_stats(balancer.pid)))
             step += 1
             # Every 2 s something happens: a backend dies (and comes back 3 s
             # later) or the strategy changes.
@@ -213,7 +224,7 @@ def main():
                 victim = backends[(step // 2) % len(backends)]
                 victim.stop()
                 kills += 1
-                time.sleep(min(3, max(0, args.seconds - (time.time() - started))))
+                time.sleep(3)
                 victim.start()
             else:
                 write_config(config, port, admin, backends, STRATEGIES[reloads % len(STRATEGIES)])
@@ -222,17 +233,21 @@ def main():
             time.sleep(2)
             if balancer.poll() is not None:
                 raise SystemExit("soak: the balancer exited")
+        if rss_start is None:
+            rss_start, fds_start = proc_stats(balancer.pid)
         rss_end, fds_end = proc_stats(balancer.pid)
         load.finish()
         faults, reload_counts = metrics(admin)
         total = load.ok + load.failed
-        print(f"soak: {args.seconds} s, {args.clients} clients, {len(backends)} backends")
+        print(f"soak: {args.seconds} s after a {args.warmup} s warm-up, {args.clients} clients, {len(backends)} backends")
         print(f"requests      {total} ({total / max(1, args.seconds + args.warmup):.0f}/s)")
         print(f"failed        {load.failed}")
         print(f"backend kills {kills}, reloads {reloads} (metrics: {reload_counts})")
         print(f"strategy faults handled {faults:.0f}")
         print(f"balancer RSS  {rss_start / 1024:.1f} MiB at start, {rss_end / 1024:.1f} MiB at end")
         print(f"balancer fds  {fds_start} at start, {fds_end} at end")
+        print("samples (s: RSS MiB / fds): " + ", ".join(
+            f"{t}: {r / 1024:.1f}/{f}" for t, r, f in samples + [(round(time.time() - begun), rss_end, fds_end)]))
         if load.failures:
             print("first failures:", *load.failures[:5], sep="\n  ")
         return 0 if load.failed == 0 else 1

@@ -6,7 +6,7 @@
 # request failed.
 #
 #   benches/soak.sh                 # 10 minutes
-#   benches/soak.sh --seconds 60    # shorter; also --clients N
+#   benches/soak.sh --seconds 60    # shorter; also --clients N, --warmup S (default 60)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 cargo build --release --locked --quiet

@@ -63,19 +63,15 @@ impl Framing {
             match *self {
                 Framing::Done => return Ok(None),
                 Framing::Length(remaining) => {
-                    if buf.is_empty() {
+                    let Some((data, left)) = take_up_to(buf, remaining) else {
                         return Ok(None);
-                    }
-                    let n = buf
-                        .len()
-                        .min(usize::try_from(remaining).unwrap_or(usize::MAX));
-                    let left = remaining - n as u64;
+                    };
                     *self = if left == 0 {
                         Framing::Done
                     } else {
                         Framing::Length(left)
                     };
-                    return Ok(Some(buf.split_to(n).freeze()));
+                    return Ok(Some(data));
                 }
                 Framing::UntilClose => {
                     if buf.is_empty() {
@@ -108,19 +104,15 @@ impl Framing {
                     });
                 }
                 Framing::Chunked(Chunked::Data(remaining)) => {
-                    if buf.is_empty() {
+                    let Some((data, left)) = take_up_to(buf, remaining) else {
                         return Ok(None);
-                    }
-                    let n = buf
-                        .len()
-                        .min(usize::try_from(remaining).unwrap_or(usize::MAX));
-                    let left = remaining - n as u64;
+                    };
                     *self = Framing::Chunked(if left == 0 {
                         Chunked::DataEnd
                     } else {
                         Chunked::Data(left)
                     });
-                    return Ok(Some(buf.split_to(n).freeze()));
+                    return Ok(Some(data));
                 }
                 Framing::Chunked(Chunked::DataEnd) => {
                     let Some(line) = take_line(buf)? else {
@@ -159,6 +151,18 @@ impl Framing {
             )),
         }
     }
+}
+
+/// Takes up to `remaining` bytes out of `buf`: the data and how many bytes
+/// are still to come; `None` when `buf` is empty.
+fn take_up_to(buf: &mut BytesMut, remaining: u64) -> Option<(Bytes, u64)> {
+    if buf.is_empty() {
+        return None;
+    }
+    let n = buf
+        .len()
+        .min(usize::try_from(remaining).unwrap_or(usize::MAX));
+    Some((buf.split_to(n).freeze(), remaining - n as u64))
 }
 
 /// Takes one LF-terminated line (without the CRLF) out of `buf`.
