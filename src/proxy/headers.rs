@@ -220,7 +220,7 @@ pub fn parse_request(buf: &[u8], client: &str) -> Result<Option<(usize, RequestH
             || name.eq_ignore_ascii_case("content-length")
             || name.eq_ignore_ascii_case("x-forwarded-proto")
             || name.eq_ignore_ascii_case("x-forwarded-host")
-            || listed.contains(name)
+            || (listed.contains(name) && !is_kept_whatever_connection_says(name))
         {
             continue;
         }
@@ -285,6 +285,16 @@ pub fn parse_request(buf: &[u8], client: &str) -> Result<Option<(usize, RequestH
             http11,
         },
     )))
+}
+
+/// `Host` and the fields this hop writes itself (framing, `X-Forwarded-*`)
+/// are not dropped because a client's `Connection` names them: a request
+/// without `Host` is invalid, and the forwarding fields are this hop's
+/// anyway (the client's values are replaced or appended to).
+fn is_kept_whatever_connection_says(name: &str) -> bool {
+    ["host", "x-forwarded-for"]
+        .iter()
+        .any(|kept| kept.eq_ignore_ascii_case(name))
 }
 
 fn strip_prefix_ignore_case<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
@@ -458,6 +468,26 @@ mod tests {
              x-forwarded-proto: http\r\nx-forwarded-host: example.com\r\n\r\n"
         );
         assert!(head.keep_alive && head.http11 && head.has_host);
+    }
+
+    #[test]
+    fn connection_cannot_drop_host_or_the_forwarding_fields() {
+        // Found by the headers fuzz target: a client listing Host or
+        // X-Forwarded-* in Connection.
+        let head = forward(
+            "GET / HTTP/1.1\r\nHost: example.com\r\nX-Forwarded-For: 10.0.0.1\r\n\
+             Connection: close, host, x-forwarded-host, X-Forwarded-For\r\n\r\n",
+        )
+        .unwrap();
+        let text = fields(&head);
+        assert!(text.starts_with("Host: example.com\r\n"), "{text}");
+        assert!(head.has_host);
+        assert!(
+            text.contains("x-forwarded-for: 10.0.0.1, 127.0.0.9\r\n"),
+            "{text}"
+        );
+        assert!(text.contains("x-forwarded-host: example.com\r\n"), "{text}");
+        assert_eq!(text.matches("x-forwarded-").count(), 3, "{text}");
     }
 
     #[test]
