@@ -6,9 +6,9 @@
 //! them start to end, backend connections included: nothing on the request
 //! path crosses to another thread except the strategy call.
 //!
-//! One request, start to end ([`downstream`] -> [`forward`] ->
-//! [`upstream`]): the request head is read and checked, then rewritten for
-//! the backend as bytes ([`headers`]) -> the current [`State`] gives a pool
+//! One request, start to end (`downstream.rs` -> `forward.rs` ->
+//! `upstream.rs`): the request head is read and checked, then rewritten for
+//! the backend as bytes (`headers.rs`) -> the current [`State`] gives a pool
 //! snapshot of eligible backends -> strategy `select` ->
 //! [`ConnectionGuard`](crate::server::ConnectionGuard) raises the backend's
 //! active count -> the head (and body, streamed) go out over a pooled
