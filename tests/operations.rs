@@ -220,7 +220,29 @@ async fn metrics_count_what_was_sent_and_backends_show_health() {
         assert_eq!(http.get("/").await.status, StatusCode::OK);
     }
     assert_eq!(http.get("/missing-is-fine").await.status, StatusCode::OK);
-    let scrape = scrape_metrics(&admin).await;
+    // A request is counted once its last byte is written, which is when
+    // the client can already have it: wait (bounded) until all eight are.
+    let started = std::time::Instant::now();
+    let scrape = loop {
+        let scrape = scrape_metrics(&admin).await;
+        let counted: f64 = scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == "lb_requests_total")
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+                _ => 0.0,
+            })
+            .sum();
+        if counted >= 8.0 {
+            break scrape;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "only {counted} of 8 requests counted"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     let a = backends[0].address();
     let b = backends[1].address();
     assert_eq!(

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use wasmtime::component::{Component, Linker};
+use wasmtime::component::{Component, Instance, Linker};
 use wasmtime::{Config as EngineConfig, Engine, ResourceLimiter, Store, Trap, UpdateDeadline};
 
 use super::{BackendView, Strategy, StrategyError};
@@ -23,8 +23,10 @@ mod bindings {
     });
 }
 
-use bindings::exports::loadbalancer::strategy::selector::Backend as WitBackend;
-use bindings::{Strategy as StrategyWorld, StrategyPre};
+use bindings::StrategyPre;
+// `select` as the host calls it: the argument lowered by `strategy_abi` in
+// one pass (see that crate), the answer lifted by wasmtime.
+use strategy_abi::{Backend as WitBackend, Select};
 
 /// The export every strategy module must have.
 pub const SELECTOR_EXPORT: &str = "loadbalancer:strategy/selector@0.1.0";
@@ -162,7 +164,7 @@ impl ResourceLimiter for MemoryCap {
 /// A live instance with its store and a reusable argument buffer.
 struct Live {
     store: Store<Guest>,
-    bindings: StrategyWorld,
+    select: Select,
     args: Vec<WitBackend>,
 }
 
@@ -282,13 +284,16 @@ impl WasmStrategy {
         });
         // Instantiation runs guest code (start functions): bound it too.
         self.arm(&mut store);
-        let bindings = self
+        let instance = self
             .pre
+            .instance_pre()
             .instantiate(&mut store)
             .map_err(|e| classify(e, &store))?;
+        let select =
+            selector(&mut store, &instance).map_err(|e| StrategyError::Trap(format!("{e:#}")))?;
         Ok(Live {
             store,
-            bindings,
+            select,
             args: Vec::new(),
         })
     }
@@ -318,11 +323,25 @@ impl WasmStrategy {
             latency_micros: b.latency_micros,
         }));
         self.arm(&mut live.store);
-        live.bindings
-            .loadbalancer_strategy_selector()
-            .call_select(&mut live.store, &live.args)
+        live.select
+            .call(&mut live.store, &live.args)
             .map_err(|e| classify(e, &live.store))
     }
+}
+
+/// Looks up the `select` export with the host's argument type; wasmtime
+/// checks the component's `backend` record against it here.
+fn selector(store: &mut Store<Guest>, instance: &Instance) -> wasmtime::Result<Select> {
+    let interface = instance
+        .get_export_index(&mut *store, None, SELECTOR_EXPORT)
+        .ok_or_else(|| wasmtime::format_err!("no export {SELECTOR_EXPORT}"))?;
+    let func = instance
+        .get_export_index(&mut *store, Some(&interface), "select")
+        .ok_or_else(|| wasmtime::format_err!("no function select in {SELECTOR_EXPORT}"))?;
+    let func = instance
+        .get_func(&mut *store, func)
+        .ok_or_else(|| wasmtime::format_err!("select in {SELECTOR_EXPORT} is not a function"))?;
+    Select::new(&*store, func)
 }
 
 /// A duration in sandbox clock ticks, at least one.
