@@ -548,8 +548,7 @@ impl Worker {
                             }
                         }
                     }
-                    // Another worker took the connection, or it was reset
-                    // before accept.
+                    // The connection was reset before accept.
                     Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
                     Err(error) => {
                         // Out of descriptors, say: back off briefly instead
@@ -567,7 +566,7 @@ impl Worker {
             }
         };
         // New connections are refused from here on (once every worker has
-        // dropped its descriptor of the listener). Idle connections close
+        // closed its listening socket). Idle connections close
         // at once; busy ones after their response, which says
         // `Connection: close`.
         drop(listener);
