@@ -91,11 +91,11 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(Some((len, head))) = parse_request(data, CLIENT) {
         assert!(len <= data.len());
         let input = &data[..len];
-        let mut out = head.request_line.clone();
+        let mut out = head.request_line().to_vec();
         if !head.has_host {
             out.extend_from_slice(b"host: backend:80\r\n");
         }
-        out.extend_from_slice(&head.fields);
+        out.extend_from_slice(head.fields());
         let fields = field_names(&out, true);
         // The fields this hop writes itself (framing, X-Forwarded-*) and
         // Host stay whatever the client's Connection names.

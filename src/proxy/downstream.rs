@@ -394,7 +394,7 @@ async fn write_response(
 
 fn push_length(out: &mut Vec<u8>, n: u64) {
     out.extend_from_slice(b"content-length: ");
-    out.extend_from_slice(n.to_string().as_bytes());
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
     out.extend_from_slice(b"\r\n");
 }
 
@@ -440,7 +440,7 @@ fn record(
     shared.metrics.record_request(backend, status, elapsed);
     if state.config.access_log {
         // The path without its query, which may carry secrets.
-        let path = head.target.split('?').next().unwrap_or_default();
+        let path = head.target().split('?').next().unwrap_or_default();
         tracing::info!(
             target: "access",
             method = %head.method,

@@ -77,7 +77,7 @@ pub(super) async fn forward(
                 tracing::warn!(
                     backend = backend.address(),
                     method = %head.method,
-                    path = %head.target,
+                    path = head.target(),
                     "upstream request failed: {reason}"
                 );
                 return Err(ProxyError::Timeout);
@@ -117,7 +117,7 @@ pub(super) async fn forward(
                 tracing::warn!(
                     backend = backend.address(),
                     method = %head.method,
-                    path = %head.target,
+                    path = head.target(),
                     "upstream request failed: {reason}"
                 );
                 return Err(ProxyError::Upstream);

@@ -5,6 +5,7 @@
 //! `X-Forwarded-For`, `-Proto` and `-Host`.
 
 use std::mem::MaybeUninit;
+use std::ops::Range;
 
 use http::Method;
 
@@ -34,20 +35,25 @@ pub enum HeadError {
 }
 
 /// A client's request head, checked and rewritten for the backend.
+///
+/// The rewritten request line and header fields are one buffer, so a
+/// request costs one allocation for its head (the `Host` line the upstream
+/// side may add goes between them, as its own slice of a vectored write).
 #[derive(Debug)]
 pub struct RequestHead {
-    /// `METHOD target HTTP/1.1\r\n`.
-    pub request_line: Vec<u8>,
+    /// `METHOD target HTTP/1.1\r\n`, then the rewritten header fields and
+    /// the blank line that ends the head.
+    bytes: Vec<u8>,
+    /// Where the request line ends in `bytes`.
+    line_end: usize,
+    /// Where the target is in `bytes`.
+    target: Range<usize>,
     /// Whether the rewritten fields already carry `host` (the client's
     /// `Host`, or the authority of an absolute-form target); if not, the
     /// backend's address is sent.
     pub has_host: bool,
-    /// The rewritten header fields and the blank line that ends the head.
-    pub fields: Vec<u8>,
     /// The method.
     pub method: Method,
-    /// The request target as the client sent it (for the access log).
-    pub target: String,
     /// How the request body is delimited.
     pub framing: Framing,
     /// Whether the client wants to keep the connection open afterwards.
@@ -56,6 +62,25 @@ pub struct RequestHead {
     pub expect_continue: bool,
     /// Whether the client spoke HTTP/1.1 (else 1.0).
     pub http11: bool,
+}
+
+impl RequestHead {
+    /// `METHOD target HTTP/1.1\r\n`.
+    pub fn request_line(&self) -> &[u8] {
+        &self.bytes[..self.line_end]
+    }
+
+    /// The rewritten header fields and the blank line that ends the head.
+    pub fn fields(&self) -> &[u8] {
+        &self.bytes[self.line_end..]
+    }
+
+    /// The request target as forwarded (origin form, or `*`), for the
+    /// access log.
+    pub fn target(&self) -> &str {
+        // httparse admits only visible ASCII in a target.
+        std::str::from_utf8(&self.bytes[self.target.clone()]).unwrap_or_default()
+    }
 }
 
 impl RequestHead {
@@ -199,18 +224,20 @@ pub fn parse_request(buf: &[u8], client: &str) -> Result<Option<(usize, RequestH
         },
     };
 
-    // The head for the backend.
-    let mut request_line = Vec::with_capacity(method_text.len() + path.len() + 12);
-    request_line.extend_from_slice(method_text.as_bytes());
-    request_line.push(b' ');
+    // The head for the backend: the request line, then the fields.
+    let mut out = Vec::with_capacity(buf.len().min(len) + 128);
+    out.extend_from_slice(method_text.as_bytes());
+    out.push(b' ');
+    let target_start = out.len();
     if !path.starts_with(['/', '*']) {
         // `http://host?query` has an empty path: it is `/`.
-        request_line.push(b'/');
+        out.push(b'/');
     }
-    request_line.extend_from_slice(path.as_bytes());
-    request_line.extend_from_slice(b" HTTP/1.1\r\n");
+    out.extend_from_slice(path.as_bytes());
+    let target_range = target_start..out.len();
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let line_end = out.len();
 
-    let mut out = Vec::with_capacity(buf.len().min(len) + 128);
     let mut forwarded_for: Vec<&[u8]> = Vec::new();
     let listed = ConnectionList::of(headers);
     for h in headers {
@@ -261,7 +288,7 @@ pub fn parse_request(buf: &[u8], client: &str) -> Result<Option<(usize, RequestH
     match framing {
         Framing::Length(n) => {
             out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(n.to_string().as_bytes());
+            out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
             out.extend_from_slice(b"\r\n");
         }
         Framing::Chunked(_) => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
@@ -274,11 +301,11 @@ pub fn parse_request(buf: &[u8], client: &str) -> Result<Option<(usize, RequestH
     Ok(Some((
         len,
         RequestHead {
-            request_line,
+            bytes: out,
+            line_end,
+            target: target_range,
             has_host: host.is_some(),
-            fields: out,
             method,
-            target: target.to_string(),
             framing,
             keep_alive,
             expect_continue,
@@ -374,7 +401,7 @@ pub fn parse_response(buf: &[u8], head_request: bool) -> Result<ParsedResponse, 
     let listed = ConnectionList::of(headers);
     let mut head = Vec::with_capacity(len + 16);
     head.extend_from_slice(b"HTTP/1.1 ");
-    head.extend_from_slice(status.to_string().as_bytes());
+    head.extend_from_slice(itoa::Buffer::new().format(status).as_bytes());
     head.push(b' ');
     head.extend_from_slice(response.reason.unwrap_or_default().as_bytes());
     head.extend_from_slice(b"\r\n");
@@ -449,7 +476,7 @@ mod tests {
     }
 
     fn fields(head: &RequestHead) -> String {
-        String::from_utf8(head.fields.clone()).unwrap()
+        String::from_utf8(head.fields().to_vec()).unwrap()
     }
 
     #[test]
@@ -461,7 +488,8 @@ mod tests {
              Host: example.com\r\n\r\n",
         )
         .unwrap();
-        assert_eq!(head.request_line, b"GET /p?q HTTP/1.1\r\n");
+        assert_eq!(head.request_line(), b"GET /p?q HTTP/1.1\r\n");
+        assert_eq!(head.target(), "/p?q");
         assert_eq!(
             fields(&head),
             "X-Kept: 3\r\nHost: example.com\r\nx-forwarded-for: 127.0.0.9\r\n\
@@ -557,7 +585,8 @@ mod tests {
     #[test]
     fn absolute_form_targets_become_origin_form() {
         let head = forward("GET http://example.com:81?x=1 HTTP/1.0\r\n\r\n").unwrap();
-        assert_eq!(head.request_line, b"GET /?x=1 HTTP/1.1\r\n");
+        assert_eq!(head.request_line(), b"GET /?x=1 HTTP/1.1\r\n");
+        assert_eq!(head.target(), "/?x=1");
         assert!(fields(&head).starts_with("host: example.com:81\r\n"));
         assert!(!head.keep_alive && !head.http11);
     }

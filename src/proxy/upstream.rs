@@ -58,6 +58,9 @@ impl UpstreamError {
 struct Connection {
     stream: TcpStream,
     buf: BytesMut,
+    /// The backend address, the key it goes back to the pool under: kept
+    /// per connection so that returning it costs no allocation per request.
+    address: Box<str>,
     /// Whether it served a request before this one.
     reused: bool,
 }
@@ -106,14 +109,14 @@ fn checkout(address: &str, idle_timeout: Duration) -> Option<Connection> {
 }
 
 /// Puts a connection whose last exchange ended cleanly back in the pool.
-fn checkin(address: &str, mut connection: Connection, keepalive: usize) {
+fn checkin(mut connection: Connection, keepalive: usize) {
     if keepalive == 0 || !connection.buf.is_empty() {
         return;
     }
     connection.buf.clear();
     IDLE.with(|idle| {
         let mut idle = idle.borrow_mut();
-        if let Some(list) = idle.get_mut(address) {
+        if let Some(list) = idle.get_mut(&*connection.address) {
             if list.len() >= keepalive {
                 // Keep the newest: drop the oldest.
                 list.remove(0);
@@ -124,7 +127,7 @@ fn checkin(address: &str, mut connection: Connection, keepalive: usize) {
             });
         } else {
             idle.insert(
-                address.to_string(),
+                connection.address.to_string(),
                 vec![Idle {
                     connection,
                     since: Instant::now(),
@@ -215,6 +218,7 @@ async fn connect(address: &str, limits: Limits) -> Result<Connection, UpstreamEr
     Ok(Connection {
         stream,
         buf: BytesMut::with_capacity(READ_CHUNK),
+        address: address.into(),
         reused: false,
     })
 }
@@ -233,12 +237,13 @@ async fn exchange(
         host_line = format!("host: {address}\r\n");
         host_line.as_bytes()
     };
-    let parts = [&head.request_line[..], host, &head.fields[..]];
+    let parts = [head.request_line(), host, head.fields()];
     let head_request = head.method == http::Method::HEAD;
     let Connection {
         stream,
         buf,
         reused,
+        ..
     } = &mut connection;
     let stream: &TcpStream = stream;
     let reused = *reused;
@@ -281,7 +286,7 @@ async fn exchange(
     let mut body = UpstreamBody {
         framing: response.framing,
         connection: Some(connection),
-        pool: reusable.then(|| (address.to_string(), limits.tuning.upstream_keepalive)),
+        pool: reusable.then_some(limits.tuning.upstream_keepalive),
         read_timeout: limits.read_timeout,
     };
     if body.framing.is_done() {
@@ -383,9 +388,9 @@ async fn read_head(
 pub struct UpstreamBody {
     connection: Option<Connection>,
     framing: Framing,
-    /// Where the connection goes when the body has been read, if it may be
-    /// reused: the backend address and the pool size.
-    pool: Option<(String, usize)>,
+    /// The pool size, if the connection may be reused once the body has
+    /// been read.
+    pool: Option<usize>,
     read_timeout: Duration,
 }
 
@@ -404,10 +409,8 @@ impl UpstreamBody {
     /// pool, if it may.
     fn finish(&mut self) {
         self.framing = Framing::Done;
-        if let (Some(connection), Some((address, keepalive))) =
-            (self.connection.take(), self.pool.take())
-        {
-            checkin(&address, connection, keepalive);
+        if let (Some(connection), Some(keepalive)) = (self.connection.take(), self.pool.take()) {
+            checkin(connection, keepalive);
         }
     }
 
