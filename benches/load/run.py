@@ -85,6 +85,11 @@ def parse_args(argv):
     p.add_argument("--backends", type=int, default=3, metavar="N",
                    help="backends behind every balancer (default 3; e.g. 16 to see the "
                         "strategy's share grow with the list it is given)")
+    p.add_argument("--cpu-profile", action="store_true",
+                   help="for this balancer's targets, sample every CPU with `perf record -a` "
+                        "during each measured run and add two columns: the share of the machine's "
+                        "busy CPU time spent in the strategy call and in the balancer as a whole "
+                        "(needs perf; run.sh installs linux-perf if it is missing)")
     p.add_argument("--keep", action="store_true",
                    help="keep the working dir (configs, server logs, pid files) and print its path")
     p.add_argument("--results-dir", default=os.environ.get("RESULTS_DIR", ""), metavar="DIR",
@@ -389,6 +394,50 @@ def run_wrk(port, conns, seconds, out_path):
     return parse_wrk(text) if status == 0 else None
 
 
+# ---------------------------------------------------------------- CPU profile
+
+# Symbols of the strategy call: the wasm host (wasmtime, the lowering crate,
+# compiled guest code) or a native strategy, and the guard around either.
+STRATEGY_SYMBOLS = re.compile(r"\[JIT\]|wasmtime|cranelift|strategy_abi|WasmStrategy|"
+                              r"balancer::native::|Balancer::select")
+# Threads of this balancer: its workers, the sandbox clock, the main thread.
+LB_COMMS = re.compile(r"^(lb-worker-\d+|wasm-epoch|rust_load_balan)$")
+
+
+def start_profile(delay, seconds, out_path):
+    """perf record of every CPU from `delay` to `delay + seconds` from now,
+    in the background."""
+    argv = ["sh", "-c", f"sleep {delay} && exec perf record -a -e cpu-clock -F 999 "
+            f"-o {shlex.quote(out_path)} -- sleep {seconds}"]
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, preexec_fn=_child_setup)
+
+
+def profile_shares(data_path):
+    """(strategy %, balancer %) of the busy (non-idle) CPU samples in a
+    perf.data, or None if perf could not read it."""
+    r = subprocess.run(["perf", "report", "-i", data_path, "--no-children", "--sort",
+                        "comm,dso,sym", "--stdio", "-g", "none", "-n", "-t", "\t"],
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    busy = strategy = balancer = 0
+    for line in r.stdout.splitlines():
+        parts = [p.strip() for p in line.split("\t")]
+        if len(parts) < 5 or not parts[0].endswith("%") or not parts[1].isdigit():
+            continue
+        samples, comm, rest = int(parts[1]), parts[2], " ".join(parts[3:])
+        if comm == "swapper":
+            continue
+        busy += samples
+        if LB_COMMS.match(comm):
+            balancer += samples
+            # The sandbox clock thread exists only for wasm strategies.
+            if comm == "wasm-epoch" or STRATEGY_SYMBOLS.search(rest):
+                strategy += samples
+    if busy <= 0:
+        return None
+    return 100 * strategy / busy, 100 * balancer / busy
+
+
 # ---------------------------------------------------------------- report
 
 def first_line(argv):
@@ -450,9 +499,19 @@ def table(args, results, started_at, binary, notes, lb_threads_note):
         "vs nginx-rr / vs direct: req/s ratio at the same connections",
         f"- command: `{args.command}`",
         "",
-        "| target | conns | req/s | p50 ms | p99 ms | errors | vs nginx-rr | vs direct |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    header = "| target | conns | req/s | p50 ms | p99 ms | errors | vs nginx-rr | vs direct |"
+    rule = "|---|---:|---:|---:|---:|---:|---:|---:|"
+    if args.cpu_profile:
+        header += " strategy % CPU | balancer % CPU |"
+        rule += "---:|---:|"
+        lines[-1:-1] = [
+            "- CPU columns (--cpu-profile): medians of the share of all busy CPU samples "
+            "(`perf record -a`, every process on the machine) spent in the strategy call "
+            "and in the balancer; with every core busy, the strategy column is what the "
+            "call costs in throughput",
+        ]
+    lines += [header, rule]
 
     def median_rps(target, conns):
         runs = [r for r in results.get((target, conns), []) if r]
@@ -475,8 +534,13 @@ def table(args, results, started_at, binary, notes, lb_threads_note):
             for ref in ("nginx-rr", "direct"):
                 ref_rps = median_rps(ref, conns)
                 ratios.append(fmt(rps / ref_rps, 2) if rps and ref_rps else "–")
-            lines.append(f"| {target} | {conns} | {fmt(rps, 0)} | {fmt(p50, 2)} | {fmt(p99, 2)} "
-                         f"| {errors} | {ratios[0]} | {ratios[1]} |")
+            row = (f"| {target} | {conns} | {fmt(rps, 0)} | {fmt(p50, 2)} | {fmt(p99, 2)} "
+                   f"| {errors} | {ratios[0]} | {ratios[1]} |")
+            if args.cpu_profile:
+                for key in ("strategy_cpu_pct", "balancer_cpu_pct"):
+                    values = [r[key] for r in runs if r.get(key) is not None]
+                    row += f" {fmt(statistics.median(values), 2) if values else '–'} |"
+            lines.append(row)
     if notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
@@ -646,12 +710,32 @@ def run(args, procs, workdir, results_dir, started_at):
                     continue
                 base = os.path.join(results_dir, "wrk", f"r{rnd}-{t}-c{conns}")
                 run_wrk(target_ports[t], conns, WARMUP_SECONDS, base + ".warmup.txt")
+                perf = None
+                if args.cpu_profile and t in LB_STRATEGIES:
+                    # The measured run but its first and last half second.
+                    data = os.path.join(workdir, "perf.data")
+                    perf = start_profile(0.5, max(0.5, args.duration - 1), data)
                 r = run_wrk(target_ports[t], conns, args.duration, base + ".txt")
+                if perf:
+                    try:
+                        perf.wait(timeout=60)
+                    except subprocess.TimeoutExpired:
+                        perf.kill()
+                        perf.wait()
+                    shares = profile_shares(data) if perf.returncode == 0 else None
+                    if r is not None:
+                        r["strategy_cpu_pct"], r["balancer_cpu_pct"] = shares or (None, None)
+                    if os.path.exists(data):
+                        os.remove(data)
                 results[(t, conns)].append(r)
                 raw_rows.append({"round": rnd, "target": t, "connections": conns, "result": r})
                 if r:
+                    cpu = ""
+                    if r.get("strategy_cpu_pct") is not None:
+                        cpu = (f"  strategy {r['strategy_cpu_pct']:.2f} % / balancer "
+                               f"{r['balancer_cpu_pct']:.1f} % of busy CPU")
                     log(f"round {rnd}/{args.rounds} {t:13} c={conns:<4} {r['rps']:9.0f} req/s  "
-                        f"p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  errors {r['errors']}")
+                        f"p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  errors {r['errors']}{cpu}")
                 else:
                     log(f"round {rnd}/{args.rounds} {t:13} c={conns:<4} wrk gave no result, see {base}.txt")
 

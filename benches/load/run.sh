@@ -30,9 +30,12 @@
 #   benches/load/run.sh                        # 10 s x 3 rounds, about 10 minutes
 #   benches/load/run.sh --duration 2 --rounds 1          # about 1 minute
 #   benches/load/run.sh --only lb-rr,nginx-rr --connections "64 256"
+#   benches/load/run.sh --backends 16 --only lb-rr,lb-native-rr --cpu-profile
+#                                              # the strategy call's share of the CPU
 #   benches/load/run.sh --help                 # every option
 #
-# Installs wrk, nginx and haproxy with apt-get only if a command is missing.
+# Installs wrk, nginx and haproxy (and linux-perf for --cpu-profile) with
+# apt-get only if a command is missing.
 # Loopback only; every process is started by benches/load/run.py, which stops
 # exactly those, by PID, on exit, Ctrl-C or SIGTERM. Results (table.md, raw wrk
 # outputs, results.json) go to target/load-results/<UTC time>/ (or
@@ -49,10 +52,12 @@ export LOAD_BENCH_SCRIPT="$0"
 
 # --help and bad options answer at once, before any install or build.
 no_build=0
+cpu_profile=0
 for arg in "$@"; do
     case "$arg" in
         -h | --help) exec python3 "$here/run.py" --help ;;
         --no-build) no_build=1 ;;
+        --cpu-profile) cpu_profile=1 ;;
     esac
 done
 python3 "$here/run.py" --parse-only "$@"
@@ -63,6 +68,7 @@ command -v wrk >/dev/null || missing+=(wrk)
 command -v haproxy >/dev/null || missing+=(haproxy)
 command -v nginx >/dev/null || missing+=(nginx)
 command -v python3 >/dev/null || missing+=(python3)
+if [ "$cpu_profile" -eq 1 ] && ! command -v perf >/dev/null; then missing+=(linux-perf); fi
 if [ "${#missing[@]}" -gt 0 ]; then
     sudo=()
     [ "$(id -u)" -eq 0 ] || sudo=(sudo)
