@@ -400,8 +400,6 @@ def run_wrk(port, conns, seconds, out_path):
 # compiled guest code) or a native strategy, and the guard around either.
 STRATEGY_SYMBOLS = re.compile(r"\[JIT\]|wasmtime|cranelift|strategy_abi|WasmStrategy|"
                               r"balancer::native::|Balancer::select")
-# Threads of this balancer: its workers, the sandbox clock, the main thread.
-LB_COMMS = re.compile(r"^(lb-worker-\d+|wasm-epoch|rust_load_balan)$")
 
 
 def start_profile(delay, seconds, out_path):
@@ -413,27 +411,30 @@ def start_profile(delay, seconds, out_path):
                             stderr=subprocess.DEVNULL, preexec_fn=_child_setup)
 
 
-def profile_shares(data_path):
-    """(strategy %, balancer %) of the busy (non-idle) CPU samples in a
-    perf.data, or None if perf could not read it."""
-    r = subprocess.run(["perf", "report", "-i", data_path, "--no-children", "--sort",
-                        "comm,dso,sym", "--stdio", "-g", "none", "-n", "-t", "\t"],
+def _report(data_path, *extra):
+    """(samples, comm, dso and symbol) rows of `perf report` on data_path."""
+    r = subprocess.run(["perf", "report", "-i", data_path, "--no-children", "--stdio",
+                        "-g", "none", "-n", "-t", "\t", *extra],
                        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
-    busy = strategy = balancer = 0
     for line in r.stdout.splitlines():
         parts = [p.strip() for p in line.split("\t")]
-        if len(parts) < 5 or not parts[0].endswith("%") or not parts[1].isdigit():
-            continue
-        samples, comm, rest = int(parts[1]), parts[2], " ".join(parts[3:])
-        if comm == "swapper":
-            continue
-        busy += samples
-        if LB_COMMS.match(comm):
-            balancer += samples
-            # The sandbox clock thread exists only for wasm strategies.
-            if comm == "wasm-epoch" or STRATEGY_SYMBOLS.search(rest):
-                strategy += samples
-    if busy <= 0:
+        if len(parts) >= 3 and parts[0].endswith("%") and parts[1].isdigit():
+            yield int(parts[1]), parts[2], " ".join(parts[3:])
+
+
+def profile_shares(data_path, pid):
+    """(strategy %, balancer %) of the busy (non-idle) CPU samples in a
+    perf.data, for the balancer process `pid`; None if perf could not read it.
+    Only that process counts: the other balancers of the run are idle but
+    alive (their sandbox clock threads tick)."""
+    busy = sum(n for n, comm, _ in _report(data_path, "--sort", "comm") if comm != "swapper")
+    strategy = balancer = 0
+    for samples, comm, rest in _report(data_path, "--pid", str(pid), "--sort", "comm,dso,sym"):
+        balancer += samples
+        # The sandbox clock thread exists only for wasm strategies.
+        if comm == "wasm-epoch" or STRATEGY_SYMBOLS.search(rest):
+            strategy += samples
+    if busy <= 0 or balancer <= 0:
         return None
     return 100 * strategy / busy, 100 * balancer / busy
 
@@ -722,7 +723,7 @@ def run(args, procs, workdir, results_dir, started_at):
                     except subprocess.TimeoutExpired:
                         perf.kill()
                         perf.wait()
-                    shares = profile_shares(data) if perf.returncode == 0 else None
+                    shares = profile_shares(data, proc.pid) if perf.returncode == 0 else None
                     if r is not None:
                         r["strategy_cpu_pct"], r["balancer_cpu_pct"] = shares or (None, None)
                     if os.path.exists(data):
