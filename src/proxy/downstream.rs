@@ -22,7 +22,7 @@ use tokio::time::Instant as Deadline;
 use super::error::ProxyError;
 use super::forward;
 use super::headers::{parse_request, HeadError, RequestHead};
-use super::http1::{read_more, write_all, write_body, Framing, LAST_CHUNK};
+use super::http1::{read_more, read_more_within, write_all, write_body, Framing, LAST_CHUNK};
 
 /// The buffer a request head is first read into; it grows for larger heads
 /// (up to `max_request_header_kib`) and bodies.
@@ -231,14 +231,13 @@ impl ClientBody<'_> {
             if self.framing.is_done() {
                 return Ok(None);
             }
-            let read = tokio::time::timeout(self.stall, read_more(self.stream, self.buf))
-                .await
-                .map_err(|_| {
-                    io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "the client stopped sending its body",
-                    )
-                })??;
+            let read = read_more_within(
+                self.stream,
+                self.buf,
+                self.stall,
+                "the client stopped sending its body",
+            )
+            .await?;
             if read == 0 {
                 self.framing.at_eof()?;
             }

@@ -193,6 +193,19 @@ pub async fn read_more(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usi
     poll_fn(|cx| poll_read_more(stream, cx, buf)).await
 }
 
+/// [`read_more`], failing with `TimedOut` and `stalled` as the message if
+/// nothing arrives within `stall`.
+pub async fn read_more_within(
+    stream: &TcpStream,
+    buf: &mut BytesMut,
+    stall: Duration,
+    stalled: &'static str,
+) -> io::Result<usize> {
+    tokio::time::timeout(stall, read_more(stream, buf))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, stalled))?
+}
+
 /// [`read_more`] for poll-based callers.
 ///
 /// A read that returns less than it asked for has emptied the socket's

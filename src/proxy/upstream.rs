@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 
 use super::downstream::ClientBody;
 use super::headers::{parse_response, ParsedResponse, RequestHead, ResponseHead};
-use super::http1::{self, read_more, write_all, Framing, LAST_CHUNK, READ_CHUNK};
+use super::http1::{self, read_more, read_more_within, write_all, Framing, LAST_CHUNK, READ_CHUNK};
 use crate::config::Tuning;
 
 /// Largest response head accepted from a backend.
@@ -439,17 +439,13 @@ impl UpstreamBody {
             if self.framing.is_done() {
                 return Ok(None);
             }
-            let read = tokio::time::timeout(
+            let read = read_more_within(
+                &connection.stream,
+                &mut connection.buf,
                 self.read_timeout,
-                read_more(&connection.stream, &mut connection.buf),
+                "the backend stopped sending its body",
             )
-            .await
-            .map_err(|_| {
-                io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "the backend stopped sending its body",
-                )
-            })??;
+            .await?;
             if read == 0 {
                 self.connection = None;
                 self.framing.at_eof()?;
