@@ -18,7 +18,7 @@ use crate::config::SandboxLimits;
 
 mod bindings {
     wasmtime::component::bindgen!({
-        path: "wit",
+        path: "wit/0.1.0",
         world: "strategy",
     });
 }

@@ -1,4 +1,4 @@
-//! The `backend` record of `wit/strategy.wit` as the host hands it to a
+//! The `backend` record of `wit/0.1.0/strategy.wit` as the host hands it to a
 //! strategy module, lowered into the module's memory in one pass.
 //!
 //! Why this crate exists: wasmtime's derived lowering of a record stores a

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the C example strategy (exact round robin) into plugins/dist/c-round-robin.wasm.
 #
-#   1. `wit-bindgen c` turns wit/strategy.wit into strategy.h / strategy.c /
+#   1. `wit-bindgen c` turns wit/0.1.0/strategy.wit into strategy.h / strategy.c /
 #      strategy_component_type.o (the C bindings; generated, not committed).
 #   2. clang compiles them with round_robin.c for wasm32-wasi against Debian's
 #      wasi-libc, as a reactor (a library, no main), at -Os with LTO. Nothing
@@ -32,7 +32,7 @@ APT_PACKAGES=(clang lld wasi-libc "libclang-rt-${CLANG_MAJOR}-dev-wasm32")
 NAME="c-round-robin"
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
 PLUGINS_DIR="$(cd "$HERE/../.." && pwd -P)"
-WIT_DIR="$PLUGINS_DIR/../wit"
+WIT_DIR="$PLUGINS_DIR/../wit/0.1.0"
 OUT="$PLUGINS_DIR/dist/$NAME.wasm"
 # Generated bindings and intermediate files; plugins/target/ is ignored by git.
 BUILD_DIR="${BUILD_DIR:-$PLUGINS_DIR/target/examples/$NAME}"

@@ -4,7 +4,7 @@
 // sequential calls over k backends give each exactly N/k (the host calls one
 // instance in request order). The same algorithm as the built-in Rust
 // round-robin module, written against the C bindings that `wit-bindgen c`
-// generates from wit/strategy.wit (strategy.h / strategy.c; see build.sh).
+// generates from wit/0.1.0/strategy.wit (strategy.h / strategy.c; see build.sh).
 //
 // No stdio, no clocks, no files: the only libc used is the allocator behind
 // the bindings' cabi_realloc, so the module imports nothing.

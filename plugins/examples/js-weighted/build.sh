@@ -39,7 +39,7 @@ set -euo pipefail
 NAME="js-weighted"
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
 PLUGINS_DIR="$(cd "$HERE/../.." && pwd -P)"
-WIT_DIR="$(cd "$PLUGINS_DIR/../wit" && pwd -P)"
+WIT_DIR="$(cd "$PLUGINS_DIR/../wit/0.1.0" && pwd -P)"
 OUT="$PLUGINS_DIR/dist/$NAME.wasm"
 # Intermediate files; plugins/target/ is ignored by git.
 BUILD_DIR="${BUILD_DIR:-$PLUGINS_DIR/target/examples/$NAME}"

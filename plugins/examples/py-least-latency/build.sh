@@ -5,7 +5,7 @@
 #   1. A virtual environment under plugins/target/ (ignored by git) gets the
 #      pinned componentize-py (requirements.txt); it is reused while the pinned
 #      version is the one installed.
-#   2. componentize-py generates the `wit_world` bindings from wit/strategy.wit,
+#   2. componentize-py generates the `wit_world` bindings from wit/0.1.0/strategy.wit,
 #      bundles CPython with strategy.py, runs the module's top level once at
 #      build time (a snapshot) and writes a component. --stub-wasi turns the
 #      interpreter's WASI imports into traps inside the component, so it
@@ -36,7 +36,7 @@ COMPONENTIZE_PY_VERSION="0.25.1" # keep in step with requirements.txt
 NAME="py-least-latency"
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
 PLUGINS_DIR="$(cd "$HERE/../.." && pwd -P)"
-WIT_DIR="$(cd "$PLUGINS_DIR/../wit" && pwd -P)"
+WIT_DIR="$(cd "$PLUGINS_DIR/../wit/0.1.0" && pwd -P)"
 OUT="$PLUGINS_DIR/dist/$NAME.wasm"
 # The virtual environment and intermediate files; plugins/target/ is ignored by git.
 BUILD_DIR="${BUILD_DIR:-$PLUGINS_DIR/target/examples/$NAME}"

@@ -9,7 +9,7 @@
 //! 3. Add the folder to `MODULES` in plugins/build.sh and run it: the component
 //!    lands in plugins/dist/<your-strategy>.wasm. Give that path in the config.
 //!
-//! What the host promises (see wit/strategy.wit): `select` gets only the
+//! What the host promises (see wit/0.1.0/strategy.wit): `select` gets only the
 //! eligible (healthy) backends in configured order, never an empty list in
 //! normal operation; `id` is stable while the list changes, so key per-backend
 //! state by it. Answer a position in the list, or none to refuse the request.
@@ -44,7 +44,7 @@ impl Strategy {
 #[cfg(target_arch = "wasm32")]
 mod component {
     // The path is relative to this crate's Cargo.toml.
-    wit_bindgen::generate!({ path: "../../wit", world: "strategy" });
+    wit_bindgen::generate!({ path: "../../wit/0.1.0", world: "strategy" });
 
     use exports::loadbalancer::strategy::selector::{Backend, Guest};
     use std::sync::Mutex;

@@ -53,7 +53,7 @@ impl SmoothWeighted {
 
 #[cfg(target_arch = "wasm32")]
 mod component {
-    wit_bindgen::generate!({ path: "../../wit", world: "strategy" });
+    wit_bindgen::generate!({ path: "../../wit/0.1.0", world: "strategy" });
 
     use exports::loadbalancer::strategy::selector::{Backend, Guest};
     use std::sync::Mutex;
