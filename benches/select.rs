@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use rust_load_balancer::balancer::{
-    BackendView, LeastConnections, RoundRobin, Strategy, WasmStrategy, WeightedRoundRobin,
+    BackendView, LeastConnections, RequestView, RoundRobin, Strategy, StrategySetup, WasmStrategy,
+    WeightedRoundRobin,
 };
 use rust_load_balancer::config::SandboxLimits;
 
@@ -18,7 +19,7 @@ fn backends(n: u32) -> Vec<BackendView> {
         .map(|id| BackendView {
             id,
             weight: 1 + id % 5,
-            active_connections: (id * 7) % 11,
+            in_flight: (id * 7) % 11,
             latency_micros: 500 + id,
         })
         .collect()
@@ -34,15 +35,17 @@ fn bench_select(c: &mut Criterion) {
         ),
     ];
     for (name, native) in pairs {
-        let wasm = WasmStrategy::builtin(name, SandboxLimits::default()).expect("built-in loads");
+        let setup = StrategySetup::new(SandboxLimits::default());
+        let wasm = WasmStrategy::builtin(name, &setup).expect("built-in loads");
+        let request = RequestView::plain(1, 0);
         let mut group = c.benchmark_group(format!("select/{name}"));
         for n in SIZES {
             let list = backends(n);
             group.bench_with_input(BenchmarkId::new("wasm", n), &list, |b, list| {
-                b.iter(|| wasm.select(black_box(list)).unwrap())
+                b.iter(|| wasm.select(&request, black_box(list)).unwrap())
             });
             group.bench_with_input(BenchmarkId::new("native", n), &list, |b, list| {
-                b.iter(|| native.select(black_box(list)).unwrap())
+                b.iter(|| native.select(&request, black_box(list)).unwrap())
             });
         }
         group.finish();

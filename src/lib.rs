@@ -21,8 +21,12 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod balancer;
 pub mod config;
+pub mod describe;
+pub mod fields;
+pub mod generation;
 pub mod health;
 pub mod metrics;
 pub mod proxy;
@@ -30,4 +34,5 @@ pub mod server;
 pub mod throttle;
 
 pub use config::Config;
-pub use proxy::{Proxy, ReloadError, StartError};
+pub use generation::ReloadError;
+pub use proxy::{Proxy, StartError};

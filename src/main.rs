@@ -5,8 +5,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use rust_load_balancer::balancer::{self, workload, FaultKind};
+use std::sync::Arc;
+
+use rust_load_balancer::balancer::{self, workload, BackendInfo, FaultKind, StrategySetup};
 use rust_load_balancer::config::{self as lbconfig, SandboxLimits, StrategySource};
+use rust_load_balancer::generation::State;
+use rust_load_balancer::metrics::Metrics;
+use rust_load_balancer::server::Registry;
 use rust_load_balancer::{Config, Proxy};
 use tracing_subscriber::EnvFilter;
 
@@ -105,9 +110,12 @@ fn main() -> ExitCode {
     };
 
     if args.check {
-        return match balancer::load(&config.strategy, config.sandbox) {
+        // The same build as at start-up: the module compiled, instantiated
+        // and (0.2.0) configured with the options and backends.
+        let summary = config.summary();
+        return match State::build(config, &Registry::new(), &Arc::new(Metrics::new())) {
             Ok(_) => {
-                println!("{}: ok: {}", args.config.display(), config.summary());
+                println!("{}: ok: {summary}", args.config.display());
                 ExitCode::SUCCESS
             }
             Err(error) => {
@@ -233,7 +241,22 @@ fn strategy_command(action: StrategyCommand) -> ExitCode {
             } else {
                 StrategySource::Path(PathBuf::from(&module))
             };
-            let strategy = match balancer::load(&source, limits) {
+            // Simulated backends as a 0.2.0 module's `configure` sees them.
+            let backends = weights
+                .iter()
+                .enumerate()
+                .map(|(id, &weight)| BackendInfo {
+                    id: id as u32,
+                    address: format!("127.0.0.1:{}", 8081 + id),
+                    weight,
+                    labels: Vec::new(),
+                })
+                .collect();
+            let setup = StrategySetup {
+                backends,
+                ..StrategySetup::new(limits)
+            };
+            let strategy = match balancer::load(&source, &setup) {
                 Ok(strategy) => strategy,
                 Err(error) => {
                     eprintln!("error: {error}");

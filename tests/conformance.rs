@@ -9,8 +9,8 @@ mod support;
 use std::sync::Arc;
 
 use rust_load_balancer::balancer::{
-    BackendView, Balancer, Decision, FaultKind, LeastConnections, RoundRobin, Strategy,
-    WasmStrategy, WeightedRoundRobin,
+    BackendView, Balancer, Decision, FaultKind, LeastConnections, RequestView, RoundRobin,
+    Strategy, StrategySetup, WasmStrategy, WeightedRoundRobin,
 };
 use rust_load_balancer::config::SandboxLimits;
 
@@ -23,22 +23,22 @@ enum Algorithm {
 
 /// Every module the project ships, with the algorithm it claims.
 fn shipped() -> Vec<(String, Algorithm, Arc<dyn Strategy>)> {
-    let limits = SandboxLimits::default();
+    let limits = StrategySetup::new(SandboxLimits::default());
     let mut modules: Vec<(String, Algorithm, Arc<dyn Strategy>)> = vec![
         (
             "round-robin".into(),
             Algorithm::RoundRobin,
-            Arc::new(WasmStrategy::builtin("round-robin", limits).unwrap()),
+            Arc::new(WasmStrategy::builtin("round-robin", &limits).unwrap()),
         ),
         (
             "least-connections".into(),
             Algorithm::LeastConnections,
-            Arc::new(WasmStrategy::builtin("least-connections", limits).unwrap()),
+            Arc::new(WasmStrategy::builtin("least-connections", &limits).unwrap()),
         ),
         (
             "weighted-round-robin".into(),
             Algorithm::Weighted,
-            Arc::new(WasmStrategy::builtin("weighted-round-robin", limits).unwrap()),
+            Arc::new(WasmStrategy::builtin("weighted-round-robin", &limits).unwrap()),
         ),
         (
             "native round robin".into(),
@@ -60,7 +60,7 @@ fn shipped() -> Vec<(String, Algorithm, Arc<dyn Strategy>)> {
         ("c-round-robin.wasm", Algorithm::RoundRobin),
         ("js-weighted.wasm", Algorithm::Weighted),
     ] {
-        let strategy = WasmStrategy::from_file(&support::dist(file), limits).unwrap();
+        let strategy = WasmStrategy::from_file(&support::dist(file), &limits).unwrap();
         modules.push((file.into(), algorithm, Arc::new(strategy)));
     }
     modules
@@ -80,7 +80,7 @@ fn views(weights: &[u32]) -> Vec<BackendView> {
 
 fn pick(strategy: &dyn Strategy, list: &[BackendView]) -> usize {
     strategy
-        .select(list)
+        .select(&RequestView::plain(1, 0), list)
         .unwrap_or_else(|e| panic!("{} faulted: {e}", strategy.name()))
         .unwrap_or_else(|| panic!("{} refused a non-empty list", strategy.name()))
 }
@@ -102,7 +102,7 @@ fn answers_are_always_in_range() {
                 .map(|i| BackendView {
                     id: i * 3 + next() % 3,
                     weight: 1 + next() % 10,
-                    active_connections: next() % 5,
+                    in_flight: next() % 5,
                     latency_micros: next() % 10_000,
                 })
                 .collect();
@@ -116,7 +116,11 @@ fn answers_are_always_in_range() {
 fn the_empty_list_is_never_sent() {
     for (name, _, strategy) in shipped() {
         let balancer = Balancer::new(strategy);
-        assert_eq!(balancer.select(&[]), Decision::NoneEligible, "{name}");
+        assert_eq!(
+            balancer.select(&RequestView::plain(1, 0), &[]),
+            Decision::NoneEligible,
+            "{name}"
+        );
         let faults: u64 = FaultKind::ALL.iter().map(|k| balancer.faults(*k)).sum();
         assert_eq!(faults, 0, "{name}");
     }
@@ -178,13 +182,13 @@ fn least_connections_picks_the_minimum_and_rotates_ties() {
         }
         let mut list = views(&[1, 1, 1, 1]);
         for (b, load) in list.iter_mut().zip([4, 2, 9, 3]) {
-            b.active_connections = load;
+            b.in_flight = load;
         }
         for _ in 0..5 {
             assert_eq!(pick(&*strategy, &list), 1, "{name}");
         }
         for (b, load) in list.iter_mut().zip([3, 1, 5, 1]) {
-            b.active_connections = load;
+            b.in_flight = load;
         }
         let picks: Vec<usize> = (0..6).map(|_| pick(&*strategy, &list)).collect();
         let ones = picks.iter().filter(|&&p| p == 1).count();

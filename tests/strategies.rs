@@ -245,7 +245,10 @@ async fn a_component_without_the_selector_export_is_refused_at_start() {
         .to_string();
     assert!(error.contains(&path.display().to_string()), "{error}");
     assert!(
-        error.contains("does not export `loadbalancer:strategy/selector@0.1.0`"),
+        error.contains("exports no strategy selector: it exports nothing")
+            && error.contains(
+                "`loadbalancer:strategy/selector@0.1.0` or `loadbalancer:strategy/selector@0.2.0`"
+            ),
         "{error}"
     );
 }

@@ -1,19 +1,21 @@
 //! Backend selection: the [`Strategy`] trait, the wasm host that implements
-//! it with a sandboxed component ([`WasmStrategy`]), the built-in modules, and
-//! the [`Balancer`] that guards every call.
+//! it with a sandboxed component ([`WasmStrategy`], contracts 0.1.0 and
+//! 0.2.0), the built-in modules, and the [`Balancer`] that guards every call.
 //!
 //! The host measures, the module decides. The host passes only eligible
 //! (healthy) backends, in configured order, and never calls a module with an
 //! empty list. It checks the answer: an index out of range, a trap, running
-//! out of fuel or time, or memory over the cap is a *strategy fault*. A fault
-//! is counted and logged (at most once a second), the request is served by a
-//! native round robin instead, and the faulted instance is rebuilt before the
-//! module's next call. A module that keeps faulting is skipped for a growing
-//! back-off, so a module stuck in a loop cannot add its time limit to every
-//! request.
+//! out of fuel or time, memory over the cap, or a failed `configure` on a
+//! rebuild is a *strategy fault*. A fault is counted and logged (at most
+//! once a second), the request is served by a native round robin instead,
+//! and the faulted instance is rebuilt before the module's next call. A
+//! module that keeps faulting is skipped for a growing back-off, so a module
+//! stuck in a loop cannot add its time limit to every request.
 
 mod builtin;
+mod log;
 mod native;
+mod view;
 mod wasm;
 pub mod workload;
 
@@ -25,35 +27,84 @@ use crate::config::{SandboxLimits, StrategySource};
 use crate::throttle::LogThrottle;
 
 pub use builtin::builtin_module;
+pub use log::{LogLevel, LogSink, TracingLog, MODULE_LOG_LINES_PER_SECOND};
 pub use native::{LeastConnections, RoundRobin, WeightedRoundRobin};
-pub use wasm::{LoadError, WasmStrategy, SELECTOR_EXPORT};
+pub use view::{BackendInfo, BackendView, Failure, Outcome, RequestView};
+pub use wasm::{LoadError, WasmStrategy, KNOWN_SELECTOR_EXPORTS};
+
+/// What a strategy is loaded with besides its module: the sandbox limits,
+/// and for 0.2.0 modules the options and backends `configure` gets and
+/// where their log lines go.
+#[derive(Clone)]
+pub struct StrategySetup {
+    /// Fuel, deadline and memory cap of every call.
+    pub limits: SandboxLimits,
+    /// The JSON text of `strategy_options` (`{}` when absent).
+    pub options: String,
+    /// The configured backends, as `configure` describes them.
+    pub backends: Vec<BackendInfo>,
+    /// Where the module's `logging.log` lines go (after the rate limit).
+    pub log: Arc<dyn LogSink>,
+}
+
+impl StrategySetup {
+    /// `limits`, no options (`{}`), no backends, lines to the balancer's log.
+    pub fn new(limits: SandboxLimits) -> StrategySetup {
+        StrategySetup {
+            limits,
+            options: "{}".into(),
+            backends: Vec::new(),
+            log: Arc::new(TracingLog),
+        }
+    }
+}
+
+impl std::fmt::Debug for StrategySetup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StrategySetup")
+            .field("limits", &self.limits)
+            .field("options", &self.options)
+            .field("backends", &self.backends)
+            .finish_non_exhaustive()
+    }
+}
 
 /// Loads the strategy a config names: a built-in by name, or a component
-/// from disk. Compiles it and creates its first instance, so every problem
-/// shows up here, at start-up or reload, never on a request.
+/// from disk. Compiles it, creates its first instance and, for a 0.2.0
+/// module, runs `configure`, so every problem shows up here, at start-up or
+/// reload, never on a request.
 pub fn load(
     source: &StrategySource,
-    limits: SandboxLimits,
+    setup: &StrategySetup,
 ) -> Result<Arc<dyn Strategy>, LoadError> {
     Ok(Arc::new(match source {
-        StrategySource::Builtin(name) => WasmStrategy::builtin(name, limits)?,
-        StrategySource::Path(path) => WasmStrategy::from_file(path, limits)?,
+        StrategySource::Builtin(name) => WasmStrategy::builtin(name, setup)?,
+        StrategySource::Path(path) => WasmStrategy::from_file(path, setup)?,
         StrategySource::Native(name) => return Ok(native::by_name(name)),
     }))
 }
 
-/// One eligible backend as a strategy sees it at selection time (the WIT
-/// record `backend`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct BackendView {
-    /// Stable identity: the backend's position in the configured list.
-    pub id: u32,
-    /// Configured weight, 1 when not set.
-    pub weight: u32,
-    /// Requests now in flight to this backend through this balancer.
-    pub active_connections: u32,
-    /// Smoothed response latency in microseconds; 0 until known.
-    pub latency_micros: u32,
+/// Which contract a strategy implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Contract {
+    /// Compiled into the host (the fallback, and the `native:` twins).
+    Native,
+    /// `loadbalancer:strategy@0.1.0`: sees backend numbers only.
+    V0_1,
+    /// `loadbalancer:strategy@0.2.0`: sees the request, options, labels
+    /// and (as an observer) outcomes.
+    V0_2,
+}
+
+impl Contract {
+    /// `native`, `0.1.0` or `0.2.0`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Contract::Native => "native",
+            Contract::V0_1 => "0.1.0",
+            Contract::V0_2 => "0.2.0",
+        }
+    }
 }
 
 /// Picks a backend for the next request.
@@ -61,10 +112,36 @@ pub trait Strategy: Send + Sync {
     /// A short name for logs: a built-in's name or a module's path.
     fn name(&self) -> &str;
 
-    /// Picks one of `backends` (never empty): its position in the slice, or
-    /// `None` to refuse the request. Implementations may return an index out
-    /// of range; [`Balancer`] checks.
-    fn select(&self, backends: &[BackendView]) -> Result<Option<usize>, StrategyError>;
+    /// The contract it implements.
+    fn contract(&self) -> Contract {
+        Contract::Native
+    }
+
+    /// Picks one of `backends` (never empty) for `request`: its position in
+    /// the slice, or `None` to refuse the request. Implementations may
+    /// return an index out of range; [`Balancer`] checks.
+    fn select(
+        &self,
+        request: &RequestView<'_>,
+        backends: &[BackendView],
+    ) -> Result<Option<usize>, StrategyError>;
+
+    /// Whether it wants [`Strategy::observe`] calls (a 0.2.0 module that
+    /// exports the `observer` interface).
+    fn observes(&self) -> bool {
+        false
+    }
+
+    /// Learns how an attempt ended.
+    fn observe(&self, _outcome: &Outcome) -> Result<(), StrategyError> {
+        Ok(())
+    }
+
+    /// The configured backends changed: `configure` the live instance again
+    /// (fresh instances are configured with this list from now on).
+    fn configure(&self, _backends: &[BackendInfo]) -> Result<(), StrategyError> {
+        Ok(())
+    }
 }
 
 /// Why a strategy call failed. Every variant is a *fault*: the request is
@@ -94,6 +171,10 @@ pub enum StrategyError {
     /// A fresh instance could not be created.
     #[error("could not be instantiated: {0}")]
     Instantiate(String),
+    /// A fresh instance's `configure` (or the live one's, after the
+    /// backends changed) answered an error.
+    #[error("configure failed: {0}")]
+    Configure(String),
 }
 
 /// The kinds of strategy fault, as counted and labelled in metrics.
@@ -111,17 +192,20 @@ pub enum FaultKind {
     BadIndex,
     /// [`StrategyError::Instantiate`]
     Instantiate,
+    /// [`StrategyError::Configure`]
+    Configure,
 }
 
 impl FaultKind {
     /// Every kind, in a fixed order.
-    pub const ALL: [FaultKind; 6] = [
+    pub const ALL: [FaultKind; 7] = [
         FaultKind::Trap,
         FaultKind::OutOfFuel,
         FaultKind::Timeout,
         FaultKind::Memory,
         FaultKind::BadIndex,
         FaultKind::Instantiate,
+        FaultKind::Configure,
     ];
 
     /// The label used in logs and metrics.
@@ -133,6 +217,7 @@ impl FaultKind {
             FaultKind::Memory => "memory",
             FaultKind::BadIndex => "bad_index",
             FaultKind::Instantiate => "instantiate",
+            FaultKind::Configure => "configure",
         }
     }
 }
@@ -147,6 +232,7 @@ impl StrategyError {
             StrategyError::Memory => FaultKind::Memory,
             StrategyError::BadIndex { .. } => FaultKind::BadIndex,
             StrategyError::Instantiate(_) => FaultKind::Instantiate,
+            StrategyError::Configure(_) => FaultKind::Configure,
         }
     }
 }
@@ -220,17 +306,22 @@ impl Balancer {
         self.faults[kind as usize].load(Ordering::Relaxed)
     }
 
-    /// Picks a backend among `backends`. Never fails: a fault is counted and
-    /// answered by the fallback.
-    pub fn select(&self, backends: &[BackendView]) -> Decision {
+    /// Whether the module is being skipped after repeated faults.
+    fn quarantined(&self) -> bool {
+        let now = self.started.elapsed().as_nanos() as u64;
+        now < self.quarantined_until.load(Ordering::Relaxed)
+    }
+
+    /// Picks a backend among `backends` for `request`. Never fails: a fault
+    /// is counted and answered by the fallback.
+    pub fn select(&self, request: &RequestView<'_>, backends: &[BackendView]) -> Decision {
         if backends.is_empty() {
             return Decision::NoneEligible;
         }
-        let now = self.started.elapsed().as_nanos() as u64;
-        if now < self.quarantined_until.load(Ordering::Relaxed) {
+        if self.quarantined() {
             return Decision::Backend(self.fallback.pick(backends.len()));
         }
-        let result = match self.strategy.select(backends) {
+        let result = match self.strategy.select(request, backends) {
             Ok(Some(i)) if i < backends.len() => Ok(Decision::Backend(i)),
             Ok(Some(i)) => Err(StrategyError::BadIndex {
                 index: i as u64,
@@ -250,6 +341,30 @@ impl Balancer {
                 self.record_fault(&fault);
                 Decision::Backend(self.fallback.pick(backends.len()))
             }
+        }
+    }
+
+    /// Whether [`Balancer::observe`] reaches the strategy: the caller can
+    /// skip building outcomes nobody reads.
+    pub fn observes(&self) -> bool {
+        self.strategy.observes()
+    }
+
+    /// Tells an observing strategy how an attempt ended. A fault here is
+    /// counted like any other and changes no response.
+    pub fn observe(&self, outcome: &Outcome) {
+        if !self.strategy.observes() || self.quarantined() {
+            return;
+        }
+        if let Err(fault) = self.strategy.observe(outcome) {
+            self.record_fault(&fault);
+        }
+    }
+
+    /// Tells the strategy the configured backends changed.
+    pub fn configure(&self, backends: &[BackendInfo]) {
+        if let Err(fault) = self.strategy.configure(backends) {
+            self.record_fault(&fault);
         }
     }
 
@@ -308,10 +423,26 @@ mod tests {
         fn name(&self) -> &str {
             "fixed"
         }
-        fn select(&self, _: &[BackendView]) -> Result<Option<usize>, StrategyError> {
+        fn select(
+            &self,
+            _: &RequestView<'_>,
+            _: &[BackendView],
+        ) -> Result<Option<usize>, StrategyError> {
             self.0.clone()
         }
     }
+
+    const REQUEST: RequestView<'static> = RequestView {
+        method: &http::Method::GET,
+        path: "/",
+        authority: "",
+        client: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        hash_key: None,
+        headers: &[],
+        attempt: 0,
+        random: 0,
+        id: 1,
+    };
 
     fn views(n: u32) -> Vec<BackendView> {
         (0..n)
@@ -326,23 +457,23 @@ mod tests {
     #[test]
     fn empty_list_never_reaches_the_strategy() {
         let b = Balancer::new(Arc::new(Fixed(Err(StrategyError::OutOfFuel))));
-        assert_eq!(b.select(&[]), Decision::NoneEligible);
+        assert_eq!(b.select(&REQUEST, &[]), Decision::NoneEligible);
         assert_eq!(b.faults(FaultKind::OutOfFuel), 0);
     }
 
     #[test]
     fn answers_pass_through_and_none_refuses() {
         let b = Balancer::new(Arc::new(Fixed(Ok(Some(2)))));
-        assert_eq!(b.select(&views(3)), Decision::Backend(2));
+        assert_eq!(b.select(&REQUEST, &views(3)), Decision::Backend(2));
         let b = Balancer::new(Arc::new(Fixed(Ok(None))));
-        assert_eq!(b.select(&views(3)), Decision::Refused);
+        assert_eq!(b.select(&REQUEST, &views(3)), Decision::Refused);
     }
 
     #[test]
     fn out_of_range_is_a_fault_served_by_round_robin() {
         let b = Balancer::new(Arc::new(Fixed(Ok(Some(3)))));
-        assert_eq!(b.select(&views(3)), Decision::Backend(0));
-        assert_eq!(b.select(&views(3)), Decision::Backend(1));
+        assert_eq!(b.select(&REQUEST, &views(3)), Decision::Backend(0));
+        assert_eq!(b.select(&REQUEST, &views(3)), Decision::Backend(1));
         assert_eq!(b.faults(FaultKind::BadIndex), 2);
     }
 
@@ -350,7 +481,7 @@ mod tests {
     fn a_module_that_keeps_faulting_is_skipped_for_a_while() {
         let b = Balancer::new(Arc::new(Fixed(Err(StrategyError::Timeout))));
         for i in 0..10 {
-            assert_eq!(b.select(&views(2)), Decision::Backend(i % 2));
+            assert_eq!(b.select(&REQUEST, &views(2)), Decision::Backend(i % 2));
         }
         // Three faults, then the quarantine (100 ms) serves the rest.
         assert_eq!(b.faults(FaultKind::Timeout), QUARANTINE_AFTER as u64);

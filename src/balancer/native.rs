@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use std::sync::Arc;
 
-use super::{BackendView, Strategy, StrategyError};
+use super::{BackendView, RequestView, Strategy, StrategyError};
 
 /// The native twin named `name` (one of
 /// [`NATIVE_STRATEGIES`](crate::config::NATIVE_STRATEGIES)); round robin for
@@ -38,7 +38,11 @@ impl Strategy for RoundRobin {
         "native-round-robin"
     }
 
-    fn select(&self, backends: &[BackendView]) -> Result<Option<usize>, StrategyError> {
+    fn select(
+        &self,
+        _request: &RequestView<'_>,
+        backends: &[BackendView],
+    ) -> Result<Option<usize>, StrategyError> {
         Ok(Some(self.pick(backends.len())))
     }
 }
@@ -55,19 +59,20 @@ impl Strategy for LeastConnections {
         "native-least-connections"
     }
 
-    fn select(&self, backends: &[BackendView]) -> Result<Option<usize>, StrategyError> {
-        let Some(min) = backends.iter().map(|b| b.active_connections).min() else {
+    fn select(
+        &self,
+        _request: &RequestView<'_>,
+        backends: &[BackendView],
+    ) -> Result<Option<usize>, StrategyError> {
+        let Some(min) = backends.iter().map(|b| b.in_flight).min() else {
             return Ok(None);
         };
-        let tied = backends
-            .iter()
-            .filter(|b| b.active_connections == min)
-            .count();
+        let tied = backends.iter().filter(|b| b.in_flight == min).count();
         let nth = self.ties_seen.fetch_add(1, Ordering::Relaxed) % tied;
         Ok(backends
             .iter()
             .enumerate()
-            .filter(|(_, b)| b.active_connections == min)
+            .filter(|(_, b)| b.in_flight == min)
             .nth(nth)
             .map(|(i, _)| i))
     }
@@ -85,7 +90,11 @@ impl Strategy for WeightedRoundRobin {
         "native-weighted-round-robin"
     }
 
-    fn select(&self, backends: &[BackendView]) -> Result<Option<usize>, StrategyError> {
+    fn select(
+        &self,
+        _request: &RequestView<'_>,
+        backends: &[BackendView],
+    ) -> Result<Option<usize>, StrategyError> {
         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
         let mut total = 0i64;
         let mut best: Option<(usize, i64)> = None;

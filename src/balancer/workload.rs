@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{BackendView, FaultKind, Strategy};
+use super::{BackendView, FaultKind, RequestView, Strategy};
 
 /// The simulated workload.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,10 +47,11 @@ impl Report {
     }
 }
 
-/// Calls `strategy` `workload.requests` times. The simulated backends have
-/// distinct latencies (1 ms, 1.25 ms, ...) and each request stays in flight
-/// for as many calls as there are backends, so `active-connections` moves
-/// the way it does under steady load.
+/// Calls `strategy` `workload.requests` times, each with a `GET /` from
+/// 127.0.0.1 without a hash key, a fresh seeded `random` and the call's
+/// number as its id. The simulated backends have distinct latencies (1 ms,
+/// 1.25 ms, ...) and each request stays in flight for as many calls as there
+/// are backends, so `in-flight` moves the way it does under steady load.
 pub fn run(strategy: &dyn Strategy, workload: &Workload) -> Report {
     let n = workload.weights.len();
     let mut backends: Vec<BackendView> = workload
@@ -60,7 +61,7 @@ pub fn run(strategy: &dyn Strategy, workload: &Workload) -> Report {
         .map(|(id, &weight)| BackendView {
             id: id as u32,
             weight,
-            active_connections: 0,
+            in_flight: 0,
             latency_micros: 1000 + 250 * id as u32,
         })
         .collect();
@@ -71,6 +72,7 @@ pub fn run(strategy: &dyn Strategy, workload: &Workload) -> Report {
         ..Report::default()
     };
     let mut times = Vec::with_capacity(workload.requests);
+    let mut random = SplitMix64(0x5eed);
     for _ in 0..workload.requests {
         if report.total_faults() >= MAX_FAULTS {
             break;
@@ -78,16 +80,17 @@ pub fn run(strategy: &dyn Strategy, workload: &Workload) -> Report {
         report.calls += 1;
         if in_flight.len() >= n.max(1) {
             if let Some(done) = in_flight.pop_front() {
-                backends[done].active_connections -= 1;
+                backends[done].in_flight -= 1;
             }
         }
+        let request = RequestView::plain(report.calls as u64, random.next());
         let started = Instant::now();
-        let answer = strategy.select(&backends);
+        let answer = strategy.select(&request, &backends);
         times.push(started.elapsed());
         match answer {
             Ok(Some(i)) if i < n => {
                 report.picks[i] += 1;
-                backends[i].active_connections += 1;
+                backends[i].in_flight += 1;
                 in_flight.push_back(i);
             }
             Ok(Some(i)) => {
@@ -107,6 +110,20 @@ pub fn run(strategy: &dyn Strategy, workload: &Workload) -> Report {
         report.p99 = times[(times.len() * 99 / 100).min(times.len() - 1)];
     }
     report
+}
+
+/// SplitMix64 (Steele, Lea, Flood): a seeded generator, so a run's
+/// `random` values are the same every time.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
 }
 
 fn count_fault(report: &mut Report, fault: &super::StrategyError) {

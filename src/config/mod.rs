@@ -12,6 +12,7 @@
 
 mod raw;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -64,9 +65,17 @@ pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: f64 = 60.0;
 /// Most worker threads accepted.
 pub const MAX_WORKER_THREADS: u32 = 256;
 
+/// Most header names `strategy_headers` may list.
+pub const MAX_STRATEGY_HEADERS: usize = 32;
+
 /// The names of the strategies built into the binary.
-pub const BUILTIN_STRATEGIES: [&str; 3] =
-    ["round-robin", "least-connections", "weighted-round-robin"];
+pub const BUILTIN_STRATEGIES: [&str; 5] = [
+    "round-robin",
+    "least-connections",
+    "weighted-round-robin",
+    "consistent-hash",
+    "peak-ewma",
+];
 
 /// Host-compiled twins of the built-ins, for measuring the sandbox's cost.
 pub const NATIVE_STRATEGIES: [&str; 3] = [
@@ -100,6 +109,91 @@ pub struct Config {
     pub clients: ClientLimits,
     /// Threads, sockets and pools.
     pub tuning: Tuning,
+    /// The request value whose hash a 0.2.0 strategy gets as `hash-key`.
+    pub hash_key: Option<HashKey>,
+    /// Request headers a 0.2.0 strategy sees, lowercase.
+    pub strategy_headers: Vec<String>,
+    /// `strategy_options`, passed to a 0.2.0 strategy's `configure` as JSON
+    /// text (an empty object when absent).
+    pub strategy_options: serde_json::Value,
+}
+
+/// Which request value `hash_key` names: its XXH3-64 is the request's
+/// `hash-key` for a 0.2.0 strategy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    /// `client_ip`: the client's address as text, e.g. `127.0.0.1`.
+    ClientIp,
+    /// `header:NAME`: the first such header's value, trimmed (name lowercase).
+    Header(String),
+    /// `cookie:NAME`: that cookie's value.
+    Cookie(String),
+    /// `query:NAME`: that query parameter's raw (undecoded) value.
+    Query(String),
+    /// `path`: the path without the query.
+    Path,
+    /// `uri`: path and query.
+    Uri,
+}
+
+impl fmt::Display for HashKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HashKey::ClientIp => f.write_str("client_ip"),
+            HashKey::Header(name) => write!(f, "header:{name}"),
+            HashKey::Cookie(name) => write!(f, "cookie:{name}"),
+            HashKey::Query(name) => write!(f, "query:{name}"),
+            HashKey::Path => f.write_str("path"),
+            HashKey::Uri => f.write_str("uri"),
+        }
+    }
+}
+
+impl HashKey {
+    /// Parses a `hash_key` value; the error says what is accepted.
+    fn parse(value: &str) -> Result<HashKey, String> {
+        let expected = "expected client_ip, header:NAME, cookie:NAME, query:NAME, path or uri";
+        let value = value.trim();
+        let named = |kind: &str, name: &str| -> Result<String, String> {
+            if name.is_empty() {
+                return Err(format!("{value:?} names no {kind} ({expected})"));
+            }
+            Ok(name.to_string())
+        };
+        Ok(match value.split_once(':') {
+            None if value == "client_ip" => HashKey::ClientIp,
+            None if value == "path" => HashKey::Path,
+            None if value == "uri" => HashKey::Uri,
+            Some(("header", name)) => {
+                let name = named("header", name)?.to_ascii_lowercase();
+                check_header_name(&name)?;
+                HashKey::Header(name)
+            }
+            Some(("cookie", name)) => {
+                let name = named("cookie", name)?;
+                if !crate::fields::is_token(&name) {
+                    return Err(format!("{name:?} is not a valid cookie name"));
+                }
+                HashKey::Cookie(name)
+            }
+            Some(("query", name)) => HashKey::Query(named("query parameter", name)?),
+            _ => return Err(format!("unknown hash key {value:?}: {expected}")),
+        })
+    }
+}
+
+/// A header name a strategy may be shown: a valid field name that is not
+/// hop-by-hop (those are removed before the strategy is asked).
+fn check_header_name(name: &str) -> Result<(), String> {
+    if !crate::fields::is_token(name) {
+        return Err(format!("{name:?} is not a valid header name"));
+    }
+    if crate::fields::is_hop_by_hop(name) {
+        return Err(format!(
+            "{name:?} is a hop-by-hop header, removed before a strategy is asked; it is never seen"
+        ));
+    }
+    Ok(())
 }
 
 /// How the proxy uses threads, sockets and upstream connections.
@@ -175,6 +269,20 @@ pub struct BackendConfig {
     pub address: String,
     /// Relative share of traffic for weighted strategies; at least 1.
     pub weight: u32,
+    /// Operator-given labels (zone, version, ...), sorted by key; shown to
+    /// 0.2.0 strategies in `configure`.
+    pub labels: BTreeMap<String, String>,
+}
+
+impl BackendConfig {
+    /// A backend at `address` with weight 1 and no labels.
+    pub fn new(address: impl Into<String>) -> BackendConfig {
+        BackendConfig {
+            address: address.into(),
+            weight: 1,
+            labels: BTreeMap::new(),
+        }
+    }
 }
 
 /// Where the strategy module comes from.
@@ -337,13 +445,7 @@ impl Config {
     pub fn new(listen_address: SocketAddr, backends: &[&str]) -> Config {
         Config {
             listen_address,
-            backends: backends
-                .iter()
-                .map(|address| BackendConfig {
-                    address: address.to_string(),
-                    weight: 1,
-                })
-                .collect(),
+            backends: backends.iter().map(|a| BackendConfig::new(*a)).collect(),
             strategy: StrategySource::Builtin("round-robin".into()),
             sandbox: SandboxLimits::default(),
             health: HealthConfig::default(),
@@ -353,7 +455,15 @@ impl Config {
             shutdown_timeout: Duration::from_secs_f64(DEFAULT_SHUTDOWN_TIMEOUT),
             clients: ClientLimits::default(),
             tuning: Tuning::default(),
+            hash_key: None,
+            strategy_headers: Vec::new(),
+            strategy_options: empty_options(),
         }
+    }
+
+    /// `strategy_options` as the JSON text `configure` gets.
+    pub fn strategy_options_json(&self) -> String {
+        self.strategy_options.to_string()
     }
 
     /// The effective config in the file's own format, every default filled
@@ -362,7 +472,7 @@ impl Config {
         let backends: Vec<serde_json::Value> = self
             .backends
             .iter()
-            .map(|b| serde_json::json!({"address": b.address, "weight": b.weight}))
+            .map(|b| serde_json::json!({"address": b.address, "weight": b.weight, "labels": b.labels}))
             .collect();
         serde_json::json!({
             "listen_address": self.listen_address.to_string(),
@@ -391,6 +501,9 @@ impl Config {
             "tcp_nodelay": self.tuning.tcp_nodelay,
             "upstream_keepalive": self.tuning.upstream_keepalive,
             "upstream_idle_timeout": self.tuning.upstream_idle_timeout.as_secs_f64(),
+            "hash_key": self.hash_key.as_ref().map(|k| k.to_string()),
+            "strategy_headers": self.strategy_headers,
+            "strategy_options": self.strategy_options,
         })
     }
 
@@ -432,10 +545,21 @@ impl RawConfig {
         }
         let mut backends = Vec::with_capacity(self.backend_servers.len());
         for (i, backend) in self.backend_servers.into_iter().enumerate() {
-            let (address, weight) = match backend {
-                RawBackend::Address(address) => (address, None),
-                RawBackend::Object { address, weight } => (address, weight),
+            let (address, weight, labels) = match backend {
+                RawBackend::Address(address) => (address, None, None),
+                RawBackend::Object {
+                    address,
+                    weight,
+                    labels,
+                } => (address, weight, labels),
             };
+            let labels = labels.unwrap_or_default();
+            if let Some(key) = labels.keys().find(|k| k.trim().is_empty()) {
+                return Err(invalid(
+                    &format!("backend_servers[{i}].labels"),
+                    format!("a label needs a name, got {key:?}"),
+                ));
+            }
             let address = validate_address(&address)
                 .map_err(|m| invalid(&format!("backend_servers[{i}]"), m))?;
             let weight = match weight {
@@ -457,7 +581,11 @@ impl RawConfig {
                     format!("{address:?} is listed twice (also at backend_servers[{j}])"),
                 ));
             }
-            backends.push(BackendConfig { address, weight });
+            backends.push(BackendConfig {
+                address,
+                weight,
+                labels,
+            });
         }
 
         let strategy = match self.strategy {
@@ -601,10 +729,38 @@ impl RawConfig {
             )?,
         };
 
+        let hash_key = match &self.hash_key {
+            None => None,
+            Some(value) => Some(HashKey::parse(value).map_err(|m| invalid("hash_key", m))?),
+        };
+        let mut strategy_headers: Vec<String> = Vec::new();
+        for (i, name) in self.strategy_headers.unwrap_or_default().iter().enumerate() {
+            let field = format!("strategy_headers[{i}]");
+            let name = name.trim().to_ascii_lowercase();
+            check_header_name(&name).map_err(|m| invalid(&field, m))?;
+            if strategy_headers.contains(&name) {
+                return Err(invalid(&field, format!("{name:?} is listed twice")));
+            }
+            strategy_headers.push(name);
+        }
+        if strategy_headers.len() > MAX_STRATEGY_HEADERS {
+            return Err(invalid(
+                "strategy_headers",
+                format!(
+                    "at most {MAX_STRATEGY_HEADERS} names, got {}",
+                    strategy_headers.len()
+                ),
+            ));
+        }
+        let strategy_options = self.strategy_options.unwrap_or_else(empty_options);
+
         Ok(Config {
             listen_address,
             backends,
             strategy,
+            hash_key,
+            strategy_headers,
+            strategy_options,
             sandbox: SandboxLimits {
                 fuel,
                 timeout: strategy_timeout,
@@ -649,6 +805,11 @@ impl RawConfig {
             tuning,
         })
     }
+}
+
+/// `strategy_options` when the config has none: `{}`.
+fn empty_options() -> serde_json::Value {
+    serde_json::Value::Object(serde_json::Map::new())
 }
 
 /// Checks a backend address: `host:port` with a non-empty host (a name, an
@@ -707,7 +868,7 @@ fn parse_strategy(value: &str, config_path: &Path) -> Result<StrategySource, Str
         return Ok(StrategySource::Path(path));
     }
     Err(format!(
-        "unknown strategy {value:?}: use one of {} or a path to a .wasm component",
+        "unknown strategy {value:?}: use one of {}, or a path to a .wasm component",
         BUILTIN_STRATEGIES.join(", ")
     ))
 }

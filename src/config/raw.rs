@@ -1,5 +1,6 @@
 //! The config file as written: serde types that reject unknown keys.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::de::{self, Deserializer, MapAccess, Visitor};
@@ -36,15 +37,20 @@ pub(super) struct RawConfig {
     pub tcp_nodelay: Option<bool>,
     pub upstream_keepalive: Option<u32>,
     pub upstream_idle_timeout: Option<f64>,
+    pub hash_key: Option<String>,
+    pub strategy_headers: Option<Vec<String>>,
+    pub strategy_options: Option<serde_json::Value>,
 }
 
-/// A backend: `"host:port"`, or `{"address": "host:port", "weight": 3}`.
+/// A backend: `"host:port"`, or `{"address": "host:port", "weight": 3,
+/// "labels": {"zone": "b"}}`.
 #[derive(Debug)]
 pub(super) enum RawBackend {
     Address(String),
     Object {
         address: String,
         weight: Option<i64>,
+        labels: Option<BTreeMap<String, String>>,
     },
 }
 
@@ -53,6 +59,7 @@ pub(super) enum RawBackend {
 struct RawBackendObject {
     address: String,
     weight: Option<i64>,
+    labels: Option<BTreeMap<String, String>>,
 }
 
 // Written by hand rather than `#[serde(untagged)]`, whose only error is "data
@@ -65,7 +72,7 @@ impl<'de> Deserialize<'de> for RawBackend {
             type Value = RawBackend;
 
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a \"host:port\" string or an object {\"address\": \"host:port\", \"weight\": N}")
+                f.write_str("a \"host:port\" string or an object {\"address\": \"host:port\", \"weight\": N, \"labels\": {...}}")
             }
 
             fn visit_str<E: de::Error>(self, v: &str) -> Result<RawBackend, E> {
@@ -73,9 +80,16 @@ impl<'de> Deserialize<'de> for RawBackend {
             }
 
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawBackend, A::Error> {
-                let RawBackendObject { address, weight } =
-                    RawBackendObject::deserialize(de::value::MapAccessDeserializer::new(map))?;
-                Ok(RawBackend::Object { address, weight })
+                let RawBackendObject {
+                    address,
+                    weight,
+                    labels,
+                } = RawBackendObject::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(RawBackend::Object {
+                    address,
+                    weight,
+                    labels,
+                })
             }
         }
 

@@ -16,30 +16,27 @@ use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
-use crate::proxy::State;
+use crate::config::HealthConfig;
 use crate::server::Backend;
 
 type CheckClient = Client<HttpConnector, Empty<Bytes>>;
 
-/// Runs checks for as long as the task lives. Each backend has its own
-/// loop, its first check at once: a backend that is slow to answer delays
-/// only its own next check, never another backend's.
-pub async fn run(state: Arc<State>) {
+/// Checks `backends` with `health`'s settings for as long as the task
+/// lives. Each backend has its own loop, its first check at once: a
+/// backend that is slow to answer delays only its own next check, never
+/// another backend's.
+pub async fn run(backends: Vec<Arc<Backend>>, health: HealthConfig) {
     let client = check_client();
+    let health = Arc::new(health);
     let mut checkers = JoinSet::new();
-    for backend in state.pool().backends() {
-        checkers.spawn(check_loop(
-            Arc::clone(&state),
-            Arc::clone(backend),
-            client.clone(),
-        ));
+    for backend in backends {
+        checkers.spawn(check_loop(Arc::clone(&health), backend, client.clone()));
     }
     // Dropping the set (when this task is aborted) aborts every loop.
     while checkers.join_next().await.is_some() {}
 }
 
-async fn check_loop(state: Arc<State>, backend: Arc<Backend>, client: CheckClient) {
-    let health = &state.config().health;
+async fn check_loop(health: Arc<HealthConfig>, backend: Arc<Backend>, client: CheckClient) {
     let mut ticker = tokio::time::interval(health.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -103,7 +100,7 @@ pub async fn check(
                 let response = client
                     .request(request)
                     .await
-                    .map_err(|e| crate::proxy::describe_error(&e))?;
+                    .map_err(|e| crate::describe::describe(&e))?;
                 let status = response.status();
                 if status.is_success() || status.is_redirection() {
                     Ok(())

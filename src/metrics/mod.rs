@@ -1,11 +1,9 @@
-//! Metrics in the Prometheus text format, kept across config reloads, and
-//! the admin listener that serves them ([`admin`]).
+//! Metrics in the Prometheus text format, kept across config reloads
+//! (served by the admin listener, [`crate::admin`]).
 //!
 //! Counters and histograms are updated on the request path; the per-backend
 //! gauges (in-flight requests, health) are read from the live pool when
 //! scraped, so they are never stale and cost nothing per request.
-
-pub mod admin;
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -84,6 +82,7 @@ pub struct Metrics {
     retries: Family<BackendLabels, Counter>,
     upstream_errors: Family<UpstreamErrorLabels, Counter>,
     reloads: Family<ResultLabels, Counter>,
+    log_dropped: Counter,
 }
 
 /// Request durations: 100 µs to about 100 s, doubling.
@@ -143,7 +142,7 @@ impl Metrics {
         let upstream_errors = Family::<UpstreamErrorLabels, Counter>::default();
         registry.register(
             "lb_upstream_errors",
-            "Failed attempts to a backend, by kind (connect, io)",
+            "Failed attempts to a backend, by kind (connect, timeout, io)",
             upstream_errors.clone(),
         );
         let reloads = Family::<ResultLabels, Counter>::default();
@@ -151,6 +150,12 @@ impl Metrics {
             "lb_config_reloads",
             "Config reloads, by result (success, failure)",
             reloads.clone(),
+        );
+        let log_dropped = Counter::default();
+        registry.register(
+            "lb_strategy_log_dropped",
+            "Strategy module log lines dropped by the rate limit (10 a second per module)",
+            log_dropped.clone(),
         );
         // Show every fault kind and reload result from the start, at 0, so
         // rate() and alerts work before the first one happens.
@@ -175,7 +180,13 @@ impl Metrics {
             retries,
             upstream_errors,
             reloads,
+            log_dropped,
         }
+    }
+
+    /// Counts a strategy log line dropped by the rate limit.
+    pub fn record_log_dropped(&self) {
+        self.log_dropped.inc();
     }
 
     /// Counts one answered request and its client-observed duration.
@@ -251,7 +262,7 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts a failed attempt to `backend` (`kind`: `connect` or `io`) and,
+    /// Counts a failed attempt to `backend` (`kind`: `connect`, `timeout` or `io`) and,
     /// if the request was tried again elsewhere, a retry.
     pub fn record_upstream_error(&self, backend: &str, kind: &'static str, retried: bool) {
         self.upstream_errors
@@ -286,7 +297,7 @@ impl Metrics {
             };
             self.active
                 .get_or_create(&labels)
-                .set(i64::from(backend.active_connections()));
+                .set(i64::from(backend.in_flight()));
             self.healthy
                 .get_or_create(&labels)
                 .set(i64::from(backend.is_healthy()));

@@ -11,6 +11,7 @@
 //! closes the connection, and nothing of the request reaches a backend.
 
 use std::io;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,23 +29,61 @@ use super::http1::{read_more, read_more_within, write_all, write_body, Framing, 
 /// (up to `max_request_header_kib`) and bodies.
 const HEAD_BUFFER: usize = 4096;
 use super::upstream::UpstreamResponse;
-use super::{Shared, State};
+use super::Shared;
+use crate::generation::State;
 use crate::metrics::NO_BACKEND;
 use crate::server::ConnectionGuard;
+
+/// The connecting client: its address, and that address as text (for
+/// `X-Forwarded-For` and logs).
+#[derive(Debug)]
+pub(super) struct Client {
+    ip: IpAddr,
+    text: Box<str>,
+}
+
+impl Client {
+    /// The client at `ip`.
+    pub(super) fn new(ip: IpAddr) -> Client {
+        Client {
+            ip,
+            text: ip.to_string().into(),
+        }
+    }
+
+    /// Its address.
+    pub(super) fn ip(&self) -> IpAddr {
+        self.ip
+    }
+
+    /// Its address as text.
+    pub(super) fn text(&self) -> &str {
+        &self.text
+    }
+}
 
 /// Serves one client connection until it closes, breaks the protocol, times
 /// out, or the balancer shuts down.
 pub(super) async fn serve(
     stream: TcpStream,
-    client: String,
+    client: Client,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<Option<Duration>>,
 ) {
     let mut buf = BytesMut::new();
     let mut first = true;
     loop {
-        let state = shared.state.load_full();
-        let head = match read_head(&stream, &mut buf, &client, &state, first, &mut shutdown).await {
+        let state = shared.state();
+        let head = match read_head(
+            &stream,
+            &mut buf,
+            client.text(),
+            &state,
+            first,
+            &mut shutdown,
+        )
+        .await
+        {
             Ok(head) => head,
             Err(HeadFailure::Closed) => return,
             Err(HeadFailure::Refused(error)) => {
@@ -54,9 +93,12 @@ pub(super) async fn serve(
                     HeadError::NotImplemented(_) => 501,
                     HeadError::ExpectationFailed => 417,
                 };
-                tracing::debug!(%client, "refused a request head ({status}): {error}");
+                tracing::debug!(
+                    client = client.text(),
+                    "refused a request head ({status}): {error}"
+                );
                 shared
-                    .metrics
+                    .metrics()
                     .record_request(NO_BACKEND, status, Duration::ZERO);
                 let _ = write_error(&stream, status, &error.to_string(), false, true).await;
                 return;
@@ -67,7 +109,7 @@ pub(super) async fn serve(
         // duration only, so an idle connection stays small (about 10,000
         // of them in a few MiB).
         let keep_going = Box::pin(serve_request(
-            &stream, &mut buf, head, &shared, &state, &shutdown,
+            &stream, &mut buf, head, &client, &shared, &state, &shutdown,
         ))
         .await;
         if !keep_going {
@@ -92,7 +134,7 @@ async fn read_head(
     first: bool,
     shutdown: &mut watch::Receiver<Option<Duration>>,
 ) -> Result<RequestHead, HeadFailure> {
-    let limits = state.config.clients;
+    let limits = state.config().clients;
     let now = Deadline::now();
     // A new connection has the head timeout from its start; a kept-alive
     // one the keep-alive timeout until its next request starts.
@@ -251,12 +293,13 @@ async fn serve_request(
     stream: &TcpStream,
     buf: &mut BytesMut,
     head: RequestHead,
+    client: &Client,
     shared: &Shared,
     state: &State,
     shutdown: &watch::Receiver<Option<Duration>>,
 ) -> bool {
     let started = Instant::now();
-    let stall = state.config.clients.request_timeout;
+    let stall = state.config().clients.request_timeout;
     let mut body = ClientBody {
         stream,
         buf,
@@ -265,7 +308,7 @@ async fn serve_request(
         started: false,
         stall,
     };
-    let result = forward::forward(shared, state, &head, &mut body).await;
+    let result = forward::forward(shared, state, &head, client, &mut body).await;
     // An unread rest of the body leaves no way to find the next request.
     let body_done = body.is_done();
     let keep_alive = head.keep_alive && body_done && shutdown.borrow().is_none();
@@ -436,8 +479,8 @@ fn record(
 ) {
     let elapsed = started.elapsed();
     let backend = guard.as_ref().map_or(NO_BACKEND, |g| g.backend().address());
-    shared.metrics.record_request(backend, status, elapsed);
-    if state.config.access_log {
+    shared.metrics().record_request(backend, status, elapsed);
+    if state.config().access_log {
         // The path without its query, which may carry secrets.
         let path = head.target().split('?').next().unwrap_or_default();
         tracing::info!(

@@ -3,11 +3,14 @@
 
 use std::time::Instant;
 
-use super::downstream::ClientBody;
+use super::downstream::{Client, ClientBody};
 use super::error::{describe, ProxyError};
 use super::headers::RequestHead;
 use super::upstream::{self, Limits, UpstreamError, UpstreamResponse};
-use super::{Shared, State};
+use super::view::RequestFacts;
+use super::Shared;
+use crate::balancer::{Failure, Outcome};
+use crate::generation::{Pick, State};
 use crate::server::ConnectionGuard;
 
 /// Sends `head` (and `body`) to a backend the strategy picks, and returns
@@ -16,36 +19,38 @@ use crate::server::ConnectionGuard;
 ///
 /// A failed connect is retried on another backend (nothing was sent); a
 /// failure after sending only for an idempotent request without a body.
-/// `max_retries` bounds the other backends tried.
+/// `max_retries` bounds the other backends tried. Each attempt's outcome is
+/// recorded once, in [`State::record`].
 pub(super) async fn forward(
     shared: &Shared,
     state: &State,
     head: &RequestHead,
+    client: &Client,
     body: &mut ClientBody<'_>,
 ) -> Result<(UpstreamResponse, ConnectionGuard), ProxyError> {
     let retry_after_send = head.is_idempotent() && head.framing.is_done();
-    let max_retries = state.config.health.max_retries as usize;
+    let max_retries = state.config().health.max_retries as usize;
     let limits = Limits {
-        connect_timeout: state.config.connect_timeout,
-        read_timeout: state.config.clients.request_timeout,
-        tuning: state.config.tuning,
+        connect_timeout: state.config().connect_timeout,
+        read_timeout: state.config().clients.request_timeout,
+        tuning: state.config().tuning,
     };
+    let metrics = shared.metrics();
+    let facts = RequestFacts::new(state, head, client.ip(), client.text());
     let mut tried: Vec<u32> = Vec::new();
 
     loop {
-        let backend = match state.pick(&shared.metrics, &tried) {
-            Ok(backend) => backend,
+        let attempt = tried.len() as u32;
+        let backend = match state.pick(metrics, &facts.view(attempt), &tried) {
+            Pick::Backend(backend) => backend,
             // Every other backend is out: the answer is the failure of the
             // attempt already made, not an outage.
-            Err(ProxyError::NoHealthyBackend) if !tried.is_empty() => {
-                return Err(ProxyError::Upstream)
+            Pick::NoneEligible if !tried.is_empty() => return Err(ProxyError::Upstream),
+            Pick::NoneEligible => {
+                shared.generations.log_outage();
+                return Err(ProxyError::NoHealthyBackend);
             }
-            Err(error) => {
-                if error == ProxyError::NoHealthyBackend {
-                    shared.log_outage();
-                }
-                return Err(error);
-            }
+            Pick::Refused => return Err(ProxyError::Refused),
         };
         if body.started() {
             // Part of the body went to a backend that failed: it cannot be
@@ -56,42 +61,52 @@ pub(super) async fn forward(
         let guard = backend.track();
         let sent = Instant::now();
         let answer = tokio::time::timeout(
-            state.config.clients.request_timeout,
+            state.config().clients.request_timeout,
             upstream::send(backend.address(), head, body, limits),
         )
         .await;
+        let outcome = |status: Option<u16>, failure: Option<Failure>| Outcome {
+            backend_id: backend.id(),
+            status,
+            failure,
+            latency_micros: u32::try_from(sent.elapsed().as_micros()).unwrap_or(u32::MAX),
+            attempt,
+            request_id: facts.id(),
+        };
         let answer = match answer {
             Ok(answer) => answer,
             Err(_) => {
                 // Sent, and no answer: not safe to send again, and the
                 // backend is struggling.
                 drop(guard);
-                let reason = format!(
-                    "no response within request_timeout ({:?})",
-                    state.config.clients.request_timeout
+                state.record(
+                    metrics,
+                    backend,
+                    &outcome(None, Some(Failure::Timeout)),
+                    false,
                 );
-                state.passive_failure(backend, &reason);
-                shared
-                    .metrics
-                    .record_upstream_error(backend.address(), "timeout", false);
                 tracing::warn!(
                     backend = backend.address(),
                     method = %head.method,
                     path = head.target(),
-                    "upstream request failed: {reason}"
+                    "upstream request failed: no response within request_timeout ({:?})",
+                    state.config().clients.request_timeout
                 );
                 return Err(ProxyError::Timeout);
             }
         };
         match answer {
             Ok(response) => {
-                backend.record_latency(sent.elapsed());
-                let health = &state.config.health;
-                backend.observe_health(true, health.healthy_threshold, health.unhealthy_threshold);
+                state.record(
+                    metrics,
+                    backend,
+                    &outcome(Some(response.head.status), None),
+                    false,
+                );
                 return Ok((response, guard));
             }
             Err(UpstreamError::Client(error)) => {
-                // The client's fault, not the backend's.
+                // The client's fault, not the backend's: no outcome.
                 drop(guard);
                 tracing::debug!("request body from the client failed: {error}");
                 return Err(ProxyError::BadRequest);
@@ -99,14 +114,15 @@ pub(super) async fn forward(
             Err(error) => {
                 drop(guard);
                 let connect_failed = error.is_connect();
-                let reason = describe(&error);
-                state.passive_failure(backend, &reason);
                 tried.push(backend.id());
                 let retry = (connect_failed || retry_after_send) && tried.len() <= max_retries;
-                let kind = if connect_failed { "connect" } else { "io" };
-                shared
-                    .metrics
-                    .record_upstream_error(backend.address(), kind, retry);
+                let failure = if connect_failed {
+                    Failure::Connect
+                } else {
+                    Failure::Io
+                };
+                state.record(metrics, backend, &outcome(None, Some(failure)), retry);
+                let reason = describe(&error);
                 if retry {
                     tracing::debug!(
                         backend = backend.address(),

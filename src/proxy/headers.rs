@@ -48,6 +48,9 @@ pub struct RequestHead {
     line_end: usize,
     /// Where the target is in `bytes`.
     target: Range<usize>,
+    /// Where the forwarded `host` field's value is in `bytes` (empty when
+    /// there is none).
+    host: Range<usize>,
     /// Whether the rewritten fields already carry `host` (the client's
     /// `Host`, or the authority of an absolute-form target); if not, the
     /// backend's address is sent.
@@ -80,6 +83,27 @@ impl RequestHead {
     pub fn target(&self) -> &str {
         // httparse admits only visible ASCII in a target.
         std::str::from_utf8(&self.bytes[self.target.clone()]).unwrap_or_default()
+    }
+
+    /// The `Host` the request is forwarded with (the client's, or an
+    /// absolute-form target's authority); `""` when there is none, or it is
+    /// not UTF-8.
+    pub fn host(&self) -> &str {
+        std::str::from_utf8(&self.bytes[self.host.clone()]).unwrap_or_default()
+    }
+
+    /// The header fields as forwarded, in request order: what the backend
+    /// gets, so no hop-by-hop field, and this hop's `X-Forwarded-*` at the
+    /// end. Values as raw bytes (`httparse` admits obs-text).
+    pub fn forwarded_fields(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        // The fields were written by `parse_request` as `name: value\r\n`
+        // lines, names being tokens (ASCII), up to the blank line.
+        self.fields().split(|b| *b == b'\n').filter_map(|line| {
+            let line = line.strip_suffix(b"\r")?;
+            let colon = line.iter().position(|b| *b == b':')?;
+            let name = std::str::from_utf8(&line[..colon]).ok()?;
+            Some((name, line.get(colon + 2..).unwrap_or_default()))
+        })
     }
 }
 
@@ -239,6 +263,7 @@ pub fn parse_request(buf: &[u8], client: &str) -> Result<Option<(usize, RequestH
     let line_end = out.len();
 
     let mut forwarded_for: Vec<&[u8]> = Vec::new();
+    let mut host_range = 0..0;
     let listed = ConnectionList::of(headers);
     for h in headers {
         let name = h.name;
@@ -258,7 +283,11 @@ pub fn parse_request(buf: &[u8], client: &str) -> Result<Option<(usize, RequestH
             }
             continue;
         }
-        if name.eq_ignore_ascii_case("host") && h.value.is_empty() {
+        if name.eq_ignore_ascii_case("host") {
+            if h.value.is_empty() {
+                continue;
+            }
+            host_range = push_field(&mut out, name.as_bytes(), h.value);
             continue;
         }
         push_field(&mut out, name.as_bytes(), h.value);
@@ -268,7 +297,7 @@ pub fn parse_request(buf: &[u8], client: &str) -> Result<Option<(usize, RequestH
         .or(authority.map(str::as_bytes));
     if host_value.is_none_or(<[u8]>::is_empty) {
         if let Some(authority) = authority {
-            push_field(&mut out, b"host", authority.as_bytes());
+            host_range = push_field(&mut out, b"host", authority.as_bytes());
         }
     }
     // X-Forwarded-For is appended to (earlier proxies keep their entries,
@@ -304,6 +333,7 @@ pub fn parse_request(buf: &[u8], client: &str) -> Result<Option<(usize, RequestH
             bytes: out,
             line_end,
             target: target_range,
+            host: host_range,
             has_host: host.is_some(),
             method,
             framing,
@@ -330,11 +360,15 @@ fn strip_prefix_ignore_case<'a>(text: &'a str, prefix: &str) -> Option<&'a str> 
         .then(|| &text[prefix.len()..])
 }
 
-fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+/// Writes `name: value\r\n`; returns where the value went.
+fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) -> Range<usize> {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
+    let start = out.len();
     out.extend_from_slice(value);
+    let range = start..out.len();
     out.extend_from_slice(b"\r\n");
+    range
 }
 
 /// A backend's response head, rewritten for the client: everything but the

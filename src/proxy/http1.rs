@@ -328,25 +328,7 @@ pub fn chunk_size_line(len: usize) -> String {
 /// The end of a chunked body (no trailers).
 pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
 
-/// Headers that describe one connection, never the message (RFC 9110
-/// §7.6.1, plus the non-standard `Keep-Alive` and `Proxy-Connection`), and
-/// `Transfer-Encoding`, which each hop sets for itself.
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "upgrade",
-    "transfer-encoding",
-];
-
-/// Whether a header named `name` stays on its hop.
-pub fn is_hop_by_hop(name: &str) -> bool {
-    HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
-}
+pub use crate::fields::is_hop_by_hop;
 
 /// Whether the comma-separated `value` lists `token` (case-insensitive).
 pub fn has_token(value: &[u8], token: &[u8]) -> bool {

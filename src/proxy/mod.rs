@@ -1,5 +1,6 @@
-//! The HTTP/1.1 proxy and the config generations it serves, swapped
-//! atomically on reload.
+//! The HTTP/1.1 proxy: listeners, worker threads, client and backend
+//! connections. What a request needs from the config (backends, strategy)
+//! comes from the current [`generation`](crate::generation).
 //!
 //! Serving is split over `worker_threads` threads, each with its own
 //! single-threaded event loop that accepts client connections and serves
@@ -8,15 +9,18 @@
 //!
 //! One request, start to end (`downstream.rs` -> `forward.rs` ->
 //! `upstream.rs`): the request head is read and checked, then rewritten for
-//! the backend as bytes (`headers.rs`) -> the current [`State`] gives a pool
-//! snapshot of eligible backends -> strategy `select` ->
+//! the backend as bytes (`headers.rs`) -> the current
+//! [`State`](crate::generation::State) gives a pool snapshot of eligible
+//! backends -> strategy `select` with the request's view (`view.rs`) ->
 //! [`ConnectionGuard`](crate::server::ConnectionGuard) raises the backend's
 //! active count -> the head (and body, streamed) go out over a pooled
 //! keep-alive connection of this thread -> the response head is rewritten
 //! for the client and written with what of the body already arrived, the
-//! rest streams -> the request is counted and timed, the guard released. A
-//! failed connect marks the backend (passive health) and the request is
-//! retried elsewhere when that is safe.
+//! rest streams -> the request is counted and timed, the guard released.
+//! Each attempt's outcome (a response head, or why there was none) is
+//! recorded once, which feeds passive health, latency, metrics and an
+//! observing strategy; a failed attempt is retried elsewhere when that is
+//! safe.
 
 mod downstream;
 mod error;
@@ -24,18 +28,16 @@ mod forward;
 mod headers;
 mod http1;
 mod upstream;
+mod view;
 
-use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{oneshot, watch, Notify};
-use tokio::task::AbortHandle;
 
 pub use error::{describe as describe_error, ProxyError};
 pub use headers::{
@@ -43,109 +45,19 @@ pub use headers::{
 };
 pub use http1::Framing;
 
-use crate::balancer::{self, BackendView, Balancer, Decision, LoadError};
-use crate::config::{Config, ConfigError, DEFAULT_LISTEN_BACKLOG};
-use crate::health;
-use crate::metrics::{admin, Metrics};
-use crate::server::{Backend, Pool};
+use crate::admin;
+use crate::config::{Config, DEFAULT_LISTEN_BACKLOG};
+use crate::generation::{BuildError, Generations, ReloadError, State};
+use crate::metrics::Metrics;
 use crate::throttle::LogThrottle;
-
-/// One config generation: everything a request needs. A reload builds a new
-/// one and swaps it in; requests in flight keep the one they started with.
-#[derive(Debug)]
-pub struct State {
-    config: Config,
-    pool: Pool,
-    balancer: Balancer,
-}
-
-impl State {
-    /// Builds a generation from `config`: loads the strategy module
-    /// (compiling it now, never per request), builds the pool, keeping the
-    /// stats of backends that were in `previous`.
-    fn new(
-        config: Config,
-        previous: Option<&State>,
-        metrics: &Arc<Metrics>,
-    ) -> Result<State, StartError> {
-        let strategy = balancer::load(&config.strategy, config.sandbox)?;
-        let pool = Pool::with_previous(&config.backends, previous.map(|p| &p.pool))
-            .map_err(|e| StartError::Backend(e.to_string()))?;
-        let metrics = Arc::clone(metrics);
-        let balancer =
-            Balancer::new(strategy).on_fault(Box::new(move |kind| metrics.record_fault(kind)));
-        Ok(State {
-            balancer,
-            pool,
-            config,
-        })
-    }
-
-    /// The configuration this generation was built from.
-    pub fn config(&self) -> &Config {
-        &self.config
-    }
-
-    /// The backends and their live stats.
-    pub fn pool(&self) -> &Pool {
-        &self.pool
-    }
-
-    /// The strategy and its fault counters.
-    pub fn balancer(&self) -> &Balancer {
-        &self.balancer
-    }
-
-    /// Asks the strategy for a healthy backend not in `exclude`.
-    fn pick(&self, metrics: &Metrics, exclude: &[u32]) -> Result<&Arc<Backend>, ProxyError> {
-        thread_local! {
-            // One buffer per worker thread: no allocation per request once
-            // it has grown to the number of backends.
-            static ELIGIBLE: RefCell<Vec<BackendView>> = const { RefCell::new(Vec::new()) };
-        }
-        ELIGIBLE.with(|buf| {
-            let mut buf = buf.borrow_mut();
-            self.pool.eligible(exclude, &mut buf);
-            let started = Instant::now();
-            let decision = self.balancer.select(&buf);
-            if decision != Decision::NoneEligible {
-                metrics.record_select(started.elapsed());
-            }
-            match decision {
-                Decision::Backend(i) => Ok(self
-                    .pool
-                    .get(buf[i].id)
-                    .expect("eligible ids come from the pool")),
-                Decision::Refused => Err(ProxyError::Refused),
-                Decision::NoneEligible => Err(ProxyError::NoHealthyBackend),
-            }
-        })
-    }
-
-    /// Records a failed attempt on `backend` toward its health threshold.
-    fn passive_failure(&self, backend: &Backend, error: &dyn std::fmt::Display) {
-        let health = &self.config.health;
-        if backend.observe_health(false, health.healthy_threshold, health.unhealthy_threshold)
-            == Some(false)
-        {
-            tracing::warn!(
-                backend = backend.address(),
-                "backend {} is unhealthy: {error}",
-                backend.address()
-            );
-        }
-    }
-}
 
 /// Why the balancer could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// The strategy module could not be loaded.
+    /// The first generation could not be built (its strategy module, its
+    /// backends).
     #[error(transparent)]
-    Strategy(#[from] LoadError),
-    /// A backend address could not be used.
-    #[error("backend address: {0}")]
-    Backend(String),
+    Build(#[from] BuildError),
     /// A worker thread could not be started.
     #[error("cannot start a worker thread: {0}")]
     Thread(std::io::Error),
@@ -159,32 +71,10 @@ pub enum StartError {
     },
 }
 
-/// Why a reload was rejected; the old config keeps serving.
-#[derive(Debug, thiserror::Error)]
-pub enum ReloadError {
-    /// The balancer was started from a config value, not a file.
-    #[error("no config file to reload: the balancer was started without one")]
-    NoFile,
-    /// The new config file is invalid.
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    /// The new config could not be put in place (its module, say).
-    #[error(transparent)]
-    Start(#[from] StartError),
-}
-
 /// What is shared by every connection and survives reloads.
 pub(crate) struct Shared {
-    pub(crate) state: ArcSwap<State>,
-    pub(crate) metrics: Arc<Metrics>,
-    config_path: Option<PathBuf>,
-    /// One reload at a time.
-    reload_lock: tokio::sync::Mutex<()>,
-    /// The health checker of the current generation.
-    checker: Mutex<Option<AbortHandle>>,
-    /// Throttles the "no healthy backend" warning, which would otherwise
-    /// come once per request during an outage.
-    outage_log: LogThrottle,
+    /// The config generation in service, and what outlives it.
+    pub(crate) generations: Arc<Generations>,
     /// Client connections open now.
     open_connections: AtomicUsize,
     /// Throttles the "max_connections reached" warning.
@@ -192,85 +82,13 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    fn log_outage(&self) {
-        if let Some(suppressed) = self.outage_log.allow() {
-            tracing::warn!(suppressed, "no healthy backend: answering 503");
-        }
+    /// The generation in service.
+    fn state(&self) -> Arc<State> {
+        self.generations.current()
     }
 
-    /// Puts `state` in service and restarts health checking for it.
-    fn install(&self, state: Arc<State>) {
-        let checker = tokio::spawn(health::run(Arc::clone(&state))).abort_handle();
-        self.state.store(state);
-        let previous = self
-            .checker
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .replace(checker);
-        if let Some(previous) = previous {
-            previous.abort();
-        }
-    }
-
-    /// Re-reads the config file, builds the new generation completely
-    /// (module compiled, pool built) and only then swaps it in. On any error
-    /// the old generation keeps serving.
-    pub(crate) async fn reload(&self) -> Result<String, ReloadError> {
-        let _one_at_a_time = self.reload_lock.lock().await;
-        let result = self.try_reload().await;
-        self.metrics.record_reload(result.is_ok());
-        match &result {
-            Ok(summary) => tracing::info!("config reloaded: {summary}"),
-            Err(error) => {
-                tracing::error!("config reload rejected, keeping the old config: {error}")
-            }
-        }
-        result
-    }
-
-    async fn try_reload(&self) -> Result<String, ReloadError> {
-        let path = self.config_path.clone().ok_or(ReloadError::NoFile)?;
-        let old = self.state.load_full();
-        let metrics = Arc::clone(&self.metrics);
-        // Loading reads a file and may compile a large module for seconds:
-        // keep it off the threads that serve requests.
-        let new = tokio::task::spawn_blocking(move || -> Result<State, ReloadError> {
-            let mut config = Config::load(&path)?;
-            // Listeners stay where they are until a restart.
-            if config.listen_address != old.config.listen_address {
-                tracing::warn!(
-                    "listen_address changed to {}: this needs a restart; still listening on {}",
-                    config.listen_address,
-                    old.config.listen_address
-                );
-                config.listen_address = old.config.listen_address;
-            }
-            if config.admin_address != old.config.admin_address {
-                tracing::warn!(
-                    "admin_address changed: this needs a restart; the admin listener stays on {:?}",
-                    old.config.admin_address
-                );
-                config.admin_address = old.config.admin_address;
-            }
-            let (old_tuning, new_tuning) = (old.config.tuning, &mut config.tuning);
-            if new_tuning.worker_threads != old_tuning.worker_threads
-                || new_tuning.listen_backlog != old_tuning.listen_backlog
-            {
-                tracing::warn!(
-                    "worker_threads and listen_backlog need a restart; keeping {} workers and a backlog of {}",
-                    old_tuning.worker_threads,
-                    old_tuning.listen_backlog
-                );
-                new_tuning.worker_threads = old_tuning.worker_threads;
-                new_tuning.listen_backlog = old_tuning.listen_backlog;
-            }
-            Ok(State::new(config, Some(&old), &metrics)?)
-        })
-        .await
-        .expect("the reload task does not panic")?;
-        let summary = new.config.summary();
-        self.install(Arc::new(new));
-        Ok(summary)
+    fn metrics(&self) -> &Metrics {
+        self.generations.metrics()
     }
 }
 
@@ -302,11 +120,10 @@ impl Proxy {
     }
 
     async fn start_with(config: Config, config_path: Option<PathBuf>) -> Result<Proxy, StartError> {
-        let metrics = Arc::new(Metrics::new());
         let address = config.listen_address;
         let admin_address = config.admin_address;
         let tuning = config.tuning;
-        let state = State::new(config, None, &metrics)?;
+        let (generations, first) = Generations::new(config, config_path)?;
         let listeners = bind_per_worker(address, tuning.listen_backlog, tuning.worker_threads)?;
         let local_addr = listeners[0]
             .local_addr()
@@ -318,21 +135,20 @@ impl Proxy {
         let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
 
         let shared = Arc::new(Shared {
-            state: ArcSwap::from_pointee(state),
-            metrics,
-            config_path,
-            reload_lock: tokio::sync::Mutex::new(()),
-            checker: Mutex::new(None),
-            outage_log: LogThrottle::new(Duration::from_secs(1)),
+            generations: Arc::new(generations),
             open_connections: AtomicUsize::new(0),
             busy_log: LogThrottle::new(Duration::from_secs(1)),
         });
-        shared.install(shared.state.load_full());
+        shared.generations.install(first);
         let (shutdown, signal) = watch::channel(None);
         if let (Some(listener), Some(address)) = (admin_listener, admin_address) {
             let listener = TcpListener::from_std(listener)
                 .map_err(|source| StartError::Bind { address, source })?;
-            tokio::spawn(admin::serve(listener, Arc::clone(&shared), signal.clone()));
+            tokio::spawn(admin::serve(
+                listener,
+                Arc::clone(&shared.generations),
+                signal.clone(),
+            ));
         }
         let mut workers = Vec::with_capacity(tuning.worker_threads);
         for (id, listener) in listeners.into_iter().enumerate() {
@@ -369,18 +185,18 @@ impl Proxy {
 
     /// The current config generation: pool, balancer, config.
     pub fn state(&self) -> Arc<State> {
-        self.shared.state.load_full()
+        self.shared.state()
     }
 
     /// The metrics.
     pub fn metrics(&self) -> &Metrics {
-        &self.shared.metrics
+        self.shared.metrics()
     }
 
     /// Re-reads the config file and swaps the new config in, or keeps the
     /// old one and says why. Returns the new config's summary.
     pub async fn reload(&self) -> Result<String, ReloadError> {
-        self.shared.reload().await
+        self.shared.generations.reload().await
     }
 
     /// Stops accepting, lets requests in flight finish for up to `timeout`
@@ -391,15 +207,7 @@ impl Proxy {
             // An error only means the worker has gone, which is the point.
             let _ = finished.await;
         }
-        if let Some(checker) = self
-            .shared
-            .checker
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
-            checker.abort();
-        }
+        self.shared.generations.stop_health_checks();
     }
 }
 
@@ -528,14 +336,21 @@ impl Worker {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tick.tick().await;
-                upstream::sweep(shared.state.load().config.tuning.upstream_idle_timeout);
+                upstream::sweep(
+                    shared
+                        .generations
+                        .peek()
+                        .config()
+                        .tuning
+                        .upstream_idle_timeout,
+                );
             }
         });
         let timeout = loop {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
-                        let limit = self.shared.state.load().config.clients.max_connections;
+                        let limit = self.shared.generations.peek().config().clients.max_connections;
                         match ConnectionSlot::take(&self.shared, limit) {
                             Some(slot) => self.serve_connection(stream, peer, slot, &connections),
                             // Closed at once; the connections already open
@@ -584,10 +399,10 @@ impl Worker {
         slot: ConnectionSlot,
         connections: &Arc<Connections>,
     ) {
-        if self.shared.state.load().config.tuning.tcp_nodelay {
+        if self.shared.generations.peek().config().tuning.tcp_nodelay {
             let _ = stream.set_nodelay(true);
         }
-        let client = peer.ip().to_canonical().to_string();
+        let client = downstream::Client::new(peer.ip().to_canonical());
         let shared = Arc::clone(&self.shared);
         let shutdown = self.shutdown.clone();
         let open = connections.open();

@@ -1,16 +1,48 @@
-//! The backend pool: addresses, weights and live stats (in-flight requests,
-//! smoothed latency, health), shared by the proxy, the health checker and the
-//! strategy.
+//! The backend registry: every backend's address, weight, labels and live
+//! stats (in-flight requests, smoothed latency, health) and its state,
+//! shared by the proxy, the health checker and the strategy.
 //!
-//! Everything on the request path is a lock-free atomic; the only lock guards
-//! a backend's health streak, taken once per health observation.
+//! The [`Registry`] lives as long as the balancer, across reloads: it keeps
+//! what is measured about each address, so a backend that stays in the
+//! config keeps its health, statistics and state. Each config generation
+//! gets a [`Pool`] from it: the configured backends in order, ids by
+//! position (the ids a strategy sees).
+//!
+//! Everything on the request path is a lock-free atomic; the only locks
+//! guard a backend's health streak, taken once per health observation, and
+//! the registry's map, taken when a generation is built.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::balancer::BackendView;
+use rustc_hash::FxHashMap;
+
+use crate::balancer::{BackendInfo, BackendView};
 use crate::config::BackendConfig;
+
+/// What a backend is set to do, apart from its health: the operator's (and
+/// later the outlier detector's) word. Only an `Active` and healthy backend
+/// is eligible.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum BackendState {
+    /// Receives traffic while healthy.
+    Active = 0,
+}
+
+impl BackendState {
+    /// The name shown in `/backends`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendState::Active => "active",
+        }
+    }
+
+    fn from_u8(_value: u8) -> BackendState {
+        BackendState::Active
+    }
+}
 
 /// One backend and what the balancer knows about it right now.
 #[derive(Debug)]
@@ -19,14 +51,17 @@ pub struct Backend {
     address: String,
     authority: http::uri::Authority,
     weight: u32,
+    labels: Vec<(String, String)>,
     stats: Arc<Stats>,
 }
 
-/// What is measured about a backend. Shared by the old and new [`Backend`]
-/// across a config reload, so a backend that stays keeps its health and its
-/// in-flight count even if its position or weight changes.
+/// What is measured about a backend. Kept by the [`Registry`] per address
+/// and shared by the old and new [`Backend`] across a config reload, so a
+/// backend that stays keeps its health, state and in-flight count even if
+/// its position or weight changes.
 #[derive(Debug)]
 struct Stats {
+    state: AtomicU8,
     active: AtomicU32,
     latency_micros: AtomicU32,
     requests_total: AtomicU64,
@@ -37,6 +72,7 @@ struct Stats {
 impl Default for Stats {
     fn default() -> Stats {
         Stats {
+            state: AtomicU8::new(BackendState::Active as u8),
             active: AtomicU32::new(0),
             latency_micros: AtomicU32::new(0),
             requests_total: AtomicU64::new(0),
@@ -54,18 +90,31 @@ struct Streak {
 }
 
 impl Backend {
-    /// A backend at position `id` of the configured list. It starts healthy,
-    /// with no requests in flight and latency unknown (0).
+    /// A backend at position `id` of the configured list. It starts healthy
+    /// and active, with no requests in flight and latency unknown (0).
     ///
     /// The address must already be validated (see `config`); an address that
     /// is not a valid authority is a programming error reported as `Err`.
     pub fn new(id: u32, config: &BackendConfig) -> Result<Backend, http::uri::InvalidUri> {
+        Backend::with_stats(id, config, Arc::default())
+    }
+
+    fn with_stats(
+        id: u32,
+        config: &BackendConfig,
+        stats: Arc<Stats>,
+    ) -> Result<Backend, http::uri::InvalidUri> {
         Ok(Backend {
             id,
             authority: config.address.parse()?,
             address: config.address.clone(),
             weight: config.weight,
-            stats: Arc::default(),
+            labels: config
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            stats,
         })
     }
 
@@ -89,8 +138,23 @@ impl Backend {
         self.weight
     }
 
+    /// Operator-given labels, sorted by key.
+    pub fn labels(&self) -> &[(String, String)] {
+        &self.labels
+    }
+
+    /// What it is set to do, apart from its health.
+    pub fn state(&self) -> BackendState {
+        BackendState::from_u8(self.stats.state.load(Ordering::Relaxed))
+    }
+
+    /// Whether a strategy may choose it now: healthy and active.
+    pub fn is_eligible(&self) -> bool {
+        self.is_healthy() && self.state() == BackendState::Active
+    }
+
     /// Requests in flight to this backend through this balancer.
-    pub fn active_connections(&self) -> u32 {
+    pub fn in_flight(&self) -> u32 {
         self.stats.active.load(Ordering::Relaxed)
     }
 
@@ -114,8 +178,18 @@ impl Backend {
         BackendView {
             id: self.id,
             weight: self.weight,
-            active_connections: self.active_connections(),
+            in_flight: self.in_flight(),
             latency_micros: self.latency_micros(),
+        }
+    }
+
+    /// How `configure` describes this backend to a strategy.
+    pub fn info(&self) -> BackendInfo {
+        BackendInfo {
+            id: self.id,
+            address: self.address.clone(),
+            weight: self.weight,
+            labels: self.labels.clone(),
         }
     }
 
@@ -200,37 +274,62 @@ impl Drop for ConnectionGuard {
     }
 }
 
-/// The configured backends, in order.
+/// Every backend the balancer knows, by address, across reloads: each
+/// generation's [`Pool`] is built from it.
+#[derive(Debug, Default)]
+pub struct Registry {
+    stats: Mutex<FxHashMap<String, Arc<Stats>>>,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Registry {
+        Registry::default()
+    }
+
+    /// The pool for a config's backends, ids by position. A backend whose
+    /// address the registry knows keeps its stats (health, state, in-flight
+    /// count, latency) under its new position and weight; a new one starts
+    /// afresh. The registry itself changes only when the pool goes into
+    /// service ([`Registry::commit`]), so a pool that is never used (a
+    /// rejected reload) leaves no trace.
+    pub fn pool(&self, configs: &[BackendConfig]) -> Result<Pool, http::uri::InvalidUri> {
+        let known = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        let backends = configs
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let stats = known.get(&c.address).cloned().unwrap_or_default();
+                Ok::<_, http::uri::InvalidUri>(Arc::new(Backend::with_stats(i as u32, c, stats)?))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Pool { backends })
+    }
+
+    /// Makes `pool` the registry's view: its addresses are the ones known
+    /// from now on; an address no longer configured is forgotten (requests
+    /// still in flight to it keep counting on their own copy until they
+    /// finish).
+    pub fn commit(&self, pool: &Pool) {
+        let mut known = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        *known = pool
+            .backends
+            .iter()
+            .map(|b| (b.address.clone(), Arc::clone(&b.stats)))
+            .collect();
+    }
+}
+
+/// The configured backends of one generation, in order.
 #[derive(Debug)]
 pub struct Pool {
     backends: Vec<Arc<Backend>>,
 }
 
 impl Pool {
-    /// A pool of the given backends, ids by position.
+    /// A pool of the given backends, ids by position, with fresh stats.
     pub fn new(configs: &[BackendConfig]) -> Result<Pool, http::uri::InvalidUri> {
-        Pool::with_previous(configs, None)
-    }
-
-    /// A pool for a reloaded config: a backend whose address was in
-    /// `previous` keeps its stats (health, in-flight count, latency), under
-    /// its new position and weight.
-    pub fn with_previous(
-        configs: &[BackendConfig],
-        previous: Option<&Pool>,
-    ) -> Result<Pool, http::uri::InvalidUri> {
-        let backends = configs
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                let mut backend = Backend::new(i as u32, c)?;
-                if let Some(old) = previous.and_then(|p| p.find(&c.address)) {
-                    backend.stats = Arc::clone(&old.stats);
-                }
-                Ok::<_, http::uri::InvalidUri>(Arc::new(backend))
-            })
-            .collect::<Result<_, _>>()?;
-        Ok(Pool { backends })
+        Registry::new().pool(configs)
     }
 
     /// The backend with this address.
@@ -238,7 +337,7 @@ impl Pool {
         self.backends.iter().find(|b| b.address == address)
     }
 
-    /// All configured backends, healthy or not.
+    /// All configured backends, eligible or not.
     pub fn backends(&self) -> &[Arc<Backend>] {
         &self.backends
     }
@@ -248,15 +347,21 @@ impl Pool {
         self.backends.get(id as usize)
     }
 
-    /// Fills `out` with the healthy backends not in `exclude`, in configured
-    /// order: what a strategy may choose from. `out` is cleared first, so a
-    /// caller can reuse one buffer for every request.
+    /// How `configure` describes the backends to a strategy.
+    pub fn infos(&self) -> Vec<BackendInfo> {
+        self.backends.iter().map(|b| b.info()).collect()
+    }
+
+    /// Fills `out` with the eligible (healthy, active) backends not in
+    /// `exclude`, in configured order: what a strategy may choose from.
+    /// `out` is cleared first, so a caller can reuse one buffer for every
+    /// request.
     pub fn eligible(&self, exclude: &[u32], out: &mut Vec<BackendView>) {
         out.clear();
         out.extend(
             self.backends
                 .iter()
-                .filter(|b| b.is_healthy() && !exclude.contains(&b.id))
+                .filter(|b| b.is_eligible() && !exclude.contains(&b.id))
                 .map(|b| b.view()),
         );
     }
@@ -268,10 +373,7 @@ mod tests {
 
     fn pool(n: usize) -> Pool {
         let configs: Vec<_> = (0..n)
-            .map(|i| BackendConfig {
-                address: format!("127.0.0.1:{}", 1000 + i),
-                weight: 1,
-            })
+            .map(|i| BackendConfig::new(format!("127.0.0.1:{}", 1000 + i)))
             .collect();
         Pool::new(&configs).unwrap()
     }
@@ -282,11 +384,11 @@ mod tests {
         let b = &pool.backends()[0];
         let g1 = b.track();
         let g2 = b.track();
-        assert_eq!(b.active_connections(), 2);
+        assert_eq!(b.in_flight(), 2);
         drop(g1);
-        assert_eq!(b.active_connections(), 1);
+        assert_eq!(b.in_flight(), 1);
         drop(g2);
-        assert_eq!(b.active_connections(), 0);
+        assert_eq!(b.in_flight(), 0);
         assert_eq!(b.requests_total(), 2);
     }
 
@@ -318,32 +420,40 @@ mod tests {
 
     #[test]
     fn a_reloaded_pool_keeps_the_stats_of_backends_that_stay() {
-        let old = pool(3);
+        let registry = Registry::new();
+        let configs: Vec<_> = (0..3)
+            .map(|i| BackendConfig::new(format!("127.0.0.1:{}", 1000 + i)))
+            .collect();
+        let old = registry.pool(&configs).unwrap();
+        registry.commit(&old);
         let _in_flight = old.backends()[2].track();
         for _ in 0..3 {
             old.backends()[1].observe_health(false, 1, 3);
         }
         let configs = [
             BackendConfig {
-                address: "127.0.0.1:1002".into(),
                 weight: 4,
+                ..BackendConfig::new("127.0.0.1:1002")
             },
-            BackendConfig {
-                address: "127.0.0.1:1001".into(),
-                weight: 1,
-            },
-            BackendConfig {
-                address: "127.0.0.1:2000".into(),
-                weight: 1,
-            },
+            BackendConfig::new("127.0.0.1:1001"),
+            BackendConfig::new("127.0.0.1:2000"),
         ];
-        let new = Pool::with_previous(&configs, Some(&old)).unwrap();
+        // A pool never put in service changes nothing.
+        let _rejected = registry.pool(&configs[..1]).unwrap();
+        let new = registry.pool(&configs).unwrap();
+        registry.commit(&new);
         assert_eq!(new.backends()[0].id(), 0);
         assert_eq!(new.backends()[0].weight(), 4);
-        assert_eq!(new.backends()[0].active_connections(), 1);
+        assert_eq!(new.backends()[0].in_flight(), 1);
         assert!(!new.backends()[1].is_healthy());
         assert!(new.backends()[2].is_healthy());
         assert_eq!(new.backends()[2].requests_total(), 0);
+        // 127.0.0.1:1000 left the config: a later return starts afresh.
+        old.backends()[0].observe_health(false, 1, 1);
+        let back = registry
+            .pool(&[BackendConfig::new("127.0.0.1:1000")])
+            .unwrap();
+        assert!(back.backends()[0].is_healthy());
     }
 
     #[test]

@@ -41,6 +41,8 @@ pub struct BackendState {
     pub delay_ms: AtomicU64,
     /// Status of `GET /health` (200 unless set).
     pub health_status: AtomicU16,
+    /// Status of the default route (200 unless set).
+    pub status: AtomicU16,
     /// Headers of the last request, as `name: value` lines.
     pub last_headers: Mutex<Vec<(String, String)>>,
     /// Bodies of requests to `/record`, in arrival order.
@@ -219,7 +221,16 @@ async fn respond(
                 Bytes::from_static(b"health"),
             )
         }
-        _ => full(StatusCode::OK, Bytes::from(name.to_string())),
+        _ => {
+            let status = match state.status.load(Ordering::SeqCst) {
+                0 => 200,
+                s => s,
+            };
+            full(
+                StatusCode::from_u16(status).unwrap(),
+                Bytes::from(name.to_string()),
+            )
+        }
     }
 }
 
@@ -495,6 +506,71 @@ impl Binary {
         binary
     }
 
+    /// Starts `rust_load_balancer --config <config> <args>` and waits until
+    /// it logs where it listens; the config's `listen_address` (and
+    /// `admin_address`) may use port 0: the addresses are read from the
+    /// balancer's own log lines, so no port is guessed.
+    pub async fn spawn(config: &std::path::Path, args: &[&str]) -> Binary {
+        let dir = tempfile::tempdir().unwrap();
+        let log_path = dir.path().join("stderr.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_rust_load_balancer"))
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("the binary starts");
+        let mut binary = Binary {
+            child,
+            log_path,
+            _dir: dir,
+        };
+        let started = std::time::Instant::now();
+        while binary.addr().is_none() {
+            if let Some(status) = binary.child.try_wait().unwrap() {
+                panic!(
+                    "the balancer exited ({status}) before listening: {}",
+                    binary.log()
+                );
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the balancer did not log where it listens: {}",
+                binary.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        binary
+    }
+
+    /// Where it listens, from its start-up line (`listening on ADDR: ...`).
+    pub fn addr(&self) -> Option<SocketAddr> {
+        logged_address(&self.log(), "listening on ", ':')
+    }
+
+    /// Where its admin API listens, from its log (`admin API on http://ADDR`).
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        logged_address(&self.log(), "admin API on http://", ' ')
+    }
+
+    /// The lines a strategy module logged, each parsed as JSON, in order
+    /// (the balancer must run with `--log-format json`; modules such as
+    /// `probe` log one JSON object per line).
+    pub fn strategy_events(&self) -> Vec<serde_json::Value> {
+        self.log()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|line| line["target"] == "strategy")
+            .map(|line| {
+                let message = line["fields"]["message"].as_str().unwrap_or_default();
+                serde_json::from_str(message).unwrap_or(serde_json::Value::String(message.into()))
+            })
+            .collect()
+    }
+
     /// Sends a signal (`HUP`, `TERM`, ...) to the child, by its PID.
     pub fn signal(&self, name: &str) {
         let status = std::process::Command::new("kill")
@@ -524,6 +600,19 @@ impl Binary {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// The address after `prefix` in a log, up to `end` after the port (or a
+/// quote or the end of the line).
+fn logged_address(log: &str, prefix: &str, end: char) -> Option<SocketAddr> {
+    log.lines().find_map(|line| {
+        let rest = &line[line.find(prefix)? + prefix.len()..];
+        let colon = rest.find(':')?;
+        let stop = rest[colon + 1..]
+            .find([end, '"', ' '])
+            .map_or(rest.len(), |i| colon + 1 + i);
+        rest[..stop].parse().ok()
+    })
 }
 
 impl Drop for Binary {

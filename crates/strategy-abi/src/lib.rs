@@ -1,5 +1,6 @@
-//! The `backend` record of `wit/0.1.0/strategy.wit` as the host hands it to a
-//! strategy module, lowered into the module's memory in one pass.
+//! The `backend` record of the strategy contracts (`wit/0.1.0`, `wit/0.2.0`)
+//! as the host hands it to a strategy module, lowered into the module's
+//! memory in one pass.
 //!
 //! Why this crate exists: wasmtime's derived lowering of a record stores a
 //! list element field by field, each store looking up the record's type
@@ -19,10 +20,12 @@
 //! - `ABI` is `record_static` of four `u32` ABIs: size 16, alignment 4, the
 //!   canonical ABI of a record of four `u32` fields.
 //! - `typecheck` accepts only a record whose fields are exactly `id`,
-//!   `weight`, `active-connections`, `latency-micros`, in that order, each a
+//!   `weight`, `active-connections` (0.1.0) or `in-flight` (0.2.0, the same
+//!   count under its accurate name), `latency-micros`, in that order, each a
 //!   `u32` (wasmtime's `typecheck_record` compares names, order and types),
-//!   so the layout above is the component's layout. A component with any
-//!   other `backend` record is refused when the function is looked up, never
+//!   so the layout above is the component's layout: the two versions differ
+//!   in one field's name, never in layout. A component with any other
+//!   `backend` record is refused when the function is looked up, never
 //!   called.
 //!
 //! The memory writes themselves are safe Rust: slices of the guest memory
@@ -30,7 +33,9 @@
 //! ABI wants. The unit tests below pin the byte layout; the host's
 //! conformance tests run every shipped module through this path.
 //!
-//! [`Select`] keeps the looked-up function and re-types it per call with
+//! [`Select`] (0.1.0) and [`SelectWithRequest`] (0.2.0, whose `select` also
+//! takes the request record, lowered by wasmtime) keep the looked-up function
+//! and re-type it per call with
 //! `TypedFunc::new_unchecked` after checking the type once, as wasmtime's
 //! generated bindings do: the argument's lifetime differs per call, which a
 //! stored `TypedFunc` cannot express.
@@ -56,8 +61,9 @@ pub struct Backend {
     pub id: u32,
     /// Configured weight, 1 when not set.
     pub weight: u32,
-    /// Requests now in flight to this backend through this balancer.
-    pub active_connections: u32,
+    /// Requests (and tunnels) now in flight to this backend through this
+    /// balancer: `active-connections` in 0.1.0, `in-flight` in 0.2.0.
+    pub in_flight: u32,
     /// Smoothed response latency in microseconds; 0 until known.
     pub latency_micros: u32,
 }
@@ -73,7 +79,7 @@ impl Backend {
         for (chunk, field) in bytes.chunks_exact_mut(4).zip([
             self.id,
             self.weight,
-            self.active_connections,
+            self.in_flight,
             self.latency_micros,
         ]) {
             chunk.copy_from_slice(&field.to_le_bytes());
@@ -94,16 +100,20 @@ unsafe impl ComponentType for Backend {
     const MAY_REQUIRE_REALLOC: bool = false;
 
     fn typecheck(ty: &InterfaceType, types: &InstanceType<'_>) -> Result<()> {
-        typecheck_record(
-            ty,
-            types,
-            &[
-                ("id", <u32 as ComponentType>::typecheck),
-                ("weight", <u32 as ComponentType>::typecheck),
-                ("active-connections", <u32 as ComponentType>::typecheck),
-                ("latency-micros", <u32 as ComponentType>::typecheck),
-            ],
-        )
+        let record = |count: &str| {
+            typecheck_record(
+                ty,
+                types,
+                &[
+                    ("id", <u32 as ComponentType>::typecheck),
+                    ("weight", <u32 as ComponentType>::typecheck),
+                    (count, <u32 as ComponentType>::typecheck),
+                    ("latency-micros", <u32 as ComponentType>::typecheck),
+                ],
+            )
+        };
+        // The 0.2.0 name first: an error then names the current contract.
+        record("in-flight").or_else(|_| record("active-connections"))
     }
 }
 
@@ -120,7 +130,7 @@ unsafe impl Lower for Backend {
         dst.write([
             ValRaw::u32(self.id),
             ValRaw::u32(self.weight),
-            ValRaw::u32(self.active_connections),
+            ValRaw::u32(self.in_flight),
             ValRaw::u32(self.latency_micros),
         ]);
         Ok(())
@@ -178,6 +188,53 @@ impl Select {
     }
 }
 
+/// The signature of 0.2.0's `select` as the host calls it.
+type SelectWithRequestFunc<'a, R> = TypedFunc<(&'a R, &'a [Backend]), (Option<u32>,)>;
+
+/// The 0.2.0 `select` function of one instance: `func(request: R, backends:
+/// list<backend>) -> option<u32>`, type-checked once. The request record
+/// `R` is lowered by wasmtime (its own derived `Lower`), the list by this
+/// crate.
+pub struct SelectWithRequest<R>(Func, std::marker::PhantomData<fn(&R)>);
+
+impl<R> Clone for SelectWithRequest<R> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<R> Copy for SelectWithRequest<R> {}
+
+impl<R> std::fmt::Debug for SelectWithRequest<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("SelectWithRequest").field(&self.0).finish()
+    }
+}
+
+impl<R: ComponentType + Lower> SelectWithRequest<R> {
+    /// Checks `func`'s type against `(R, list<backend>) -> option<u32>`.
+    pub fn new(store: impl AsContext, func: Func) -> Result<SelectWithRequest<R>> {
+        func.typed::<(&R, &[Backend]), (Option<u32>,)>(&store)?;
+        Ok(SelectWithRequest(func, std::marker::PhantomData))
+    }
+
+    /// Calls `select` with `request` and `backends`.
+    pub fn call(
+        &self,
+        store: impl AsContextMut,
+        request: &R,
+        backends: &[Backend],
+    ) -> Result<Option<u32>> {
+        // SAFETY: `new` checked this same signature against the function's
+        // type; the arguments' lifetimes, the only difference, are not part
+        // of a component type.
+        let typed: SelectWithRequestFunc<'_, R> = unsafe { TypedFunc::new_unchecked(self.0) };
+        typed
+            .call(store, (request, backends))
+            .map(|(answer,)| answer)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,7 +244,7 @@ mod tests {
         let b = Backend {
             id: 0x0403_0201,
             weight: 0x0807_0605,
-            active_connections: 0x0c0b_0a09,
+            in_flight: 0x0c0b_0a09,
             latency_micros: 0x100f_0e0d,
         };
         assert_eq!(b.to_bytes(), std::array::from_fn(|i| i as u8 + 1));

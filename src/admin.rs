@@ -16,12 +16,12 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::proxy::Shared;
+use crate::generation::Generations;
 
 /// Serves the admin API until shutdown is signalled.
 pub(crate) async fn serve(
     listener: TcpListener,
-    shared: Arc<Shared>,
+    shared: Arc<Generations>,
     mut shutdown: watch::Receiver<Option<Duration>>,
 ) {
     if let Ok(address) = listener.local_addr() {
@@ -77,7 +77,7 @@ fn json(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> 
     respond(status, "application/json", text)
 }
 
-async fn route(shared: &Shared, request: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn route(shared: &Generations, request: Request<Incoming>) -> Response<Full<Bytes>> {
     let allowed = match request.uri().path() {
         "/metrics" | "/backends" | "/config" => Method::GET,
         "/reload" => Method::POST,
@@ -101,12 +101,12 @@ async fn route(shared: &Shared, request: Request<Incoming>) -> Response<Full<Byt
         );
         return response;
     }
-    let state = shared.state.load_full();
+    let state = shared.current();
     match request.uri().path() {
         "/metrics" => respond(
             StatusCode::OK,
-            super::CONTENT_TYPE,
-            shared.metrics.encode(state.pool()),
+            crate::metrics::CONTENT_TYPE,
+            shared.metrics().encode(state.pool()),
         ),
         "/backends" => {
             let backends: Vec<serde_json::Value> = state
@@ -117,8 +117,11 @@ async fn route(shared: &Shared, request: Request<Incoming>) -> Response<Full<Byt
                     serde_json::json!({
                         "address": b.address(),
                         "weight": b.weight(),
+                        "id": b.id(),
+                        "labels": b.labels().iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
                         "healthy": b.is_healthy(),
-                        "active_connections": b.active_connections(),
+                        "state": b.state().as_str(),
+                        "active_connections": b.in_flight(),
                         "latency_micros": b.latency_micros(),
                         "requests_total": b.requests_total(),
                     })

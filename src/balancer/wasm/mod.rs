@@ -1,35 +1,36 @@
 //! The wasm host: compiles a strategy component once, keeps one sandboxed
-//! instance hot, and calls its `select` under fuel, deadline and memory caps.
+//! instance hot, and calls it under fuel, deadline and memory caps.
+//!
+//! Which contract a module implements is told by its export's name
+//! (`loadbalancer:strategy/selector@0.1.0` or `@0.2.0`); each version has its
+//! own file (`v0_1.rs`, `v0_2.rs`) with its bindings and calls, behind the
+//! one [`Strategy`] trait.
 //!
 //! One instance sits behind a short lock, so the module sees calls in request
 //! order and a round robin stays exact. After any trap wasmtime poisons the
 //! whole `Store`, so a faulted instance is dropped and the next call builds a
-//! fresh one from the pre-linked component (tens of microseconds).
+//! fresh one from the pre-linked component (tens of microseconds), which a
+//! 0.2.0 module then gets `configure`d again.
+
+mod v0_1;
+mod v0_2;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use wasmtime::component::{Component, Instance, Linker};
+use wasmtime::component::{Component, InstancePre, Linker};
 use wasmtime::{Config as EngineConfig, Engine, ResourceLimiter, Store, Trap, UpdateDeadline};
 
-use super::{BackendView, Strategy, StrategyError};
+use super::log::ModuleLog;
+use super::{
+    BackendInfo, BackendView, Contract, Outcome, RequestView, Strategy, StrategyError,
+    StrategySetup,
+};
 use crate::config::SandboxLimits;
 
-mod bindings {
-    wasmtime::component::bindgen!({
-        path: "wit/0.1.0",
-        world: "strategy",
-    });
-}
-
-use bindings::StrategyPre;
-// `select` as the host calls it: the argument lowered by `strategy_abi` in
-// one pass (see that crate), the answer lifted by wasmtime.
-use strategy_abi::{Backend as WitBackend, Select};
-
-/// The export every strategy module must have.
-pub const SELECTOR_EXPORT: &str = "loadbalancer:strategy/selector@0.1.0";
+/// The selector exports the host knows, oldest first; a module must have one.
+pub const KNOWN_SELECTOR_EXPORTS: [&str; 2] = [v0_1::SELECTOR_EXPORT, v0_2::SELECTOR_EXPORT];
 
 /// How often the sandbox clock ticks; a call's deadline is counted in ticks.
 const EPOCH_TICK: Duration = Duration::from_millis(1);
@@ -87,12 +88,21 @@ pub enum LoadError {
         /// What the compiler said.
         message: String,
     },
-    /// The component does not export the selector interface.
-    #[error("strategy module {}: does not export `{SELECTOR_EXPORT}` with the expected `select` function ({message})", path.display())]
+    /// The component does not export a selector interface the host knows,
+    /// or exports one whose functions do not match it.
+    #[error("strategy module {}: {message}", path.display())]
     MissingExport {
         /// The module's path.
         path: PathBuf,
-        /// Details from the linker.
+        /// What it exports and what the host expected.
+        message: String,
+    },
+    /// A 0.2.0 module's `configure` refused the options or backends.
+    #[error("strategy module {}: configure refused the config: {message}", path.display())]
+    Configure {
+        /// The module's path.
+        path: PathBuf,
+        /// The module's own message.
         message: String,
     },
     /// The first instance could not be created (e.g. its memory exceeds the cap).
@@ -105,10 +115,11 @@ pub enum LoadError {
     },
 }
 
-/// What a store carries: the memory cap and whether a call hit it, and the
-/// deadline's CPU-time bookkeeping.
-struct Guest {
+/// What a store carries: the memory cap and whether a call hit it, the
+/// deadline's CPU-time bookkeeping, and the module's log.
+pub(super) struct Guest {
     limiter: MemoryCap,
+    log: Arc<ModuleLog>,
     /// The thread's CPU time when the current call's deadline first
     /// expired; `None` until it does.
     expired_at_cpu: Option<Duration>,
@@ -161,39 +172,52 @@ impl ResourceLimiter for MemoryCap {
     }
 }
 
-/// A live instance with its store and a reusable argument buffer.
+/// A live instance: its store and the calls of its contract version.
 struct Live {
     store: Store<Guest>,
-    select: Select,
-    args: Vec<WitBackend>,
+    calls: Calls,
+}
+
+enum Calls {
+    V0_1(v0_1::Calls),
+    V0_2(v0_2::Calls),
 }
 
 /// A strategy implemented by a sandboxed wasm component.
 pub struct WasmStrategy {
     name: String,
-    pre: StrategyPre<Guest>,
+    contract: Contract,
+    pre: InstancePre<Guest>,
+    /// Whether a 0.2.0 module exports the `observer` interface.
+    observes: bool,
     limits: SandboxLimits,
+    log: Arc<ModuleLog>,
+    /// `strategy_options` as JSON text, for every `configure`.
+    options: String,
+    /// The configured backends, for the `configure` of every fresh instance.
+    backends: Mutex<Arc<[BackendInfo]>>,
     live: Mutex<Option<Live>>,
 }
 
 impl WasmStrategy {
     /// Loads the component at `path`: compiles it, links it with no
-    /// capabilities, and instantiates it once to prove it can run.
-    pub fn from_file(path: &Path, limits: SandboxLimits) -> Result<WasmStrategy, LoadError> {
+    /// capabilities but the contract's own, instantiates it once to prove it
+    /// can run and, for a 0.2.0 module, configures it.
+    pub fn from_file(path: &Path, setup: &StrategySetup) -> Result<WasmStrategy, LoadError> {
         let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
             path: path.to_path_buf(),
             source,
         })?;
         let component = compile_cached(&bytes, path)?;
-        WasmStrategy::new(path.display().to_string(), &component, path, limits)
+        WasmStrategy::new(path.display().to_string(), &component, path, setup)
     }
 
     /// Loads a built-in module by name (see [`BUILTIN_STRATEGIES`](crate::config::BUILTIN_STRATEGIES)),
     /// compiling it once per process.
-    pub fn builtin(name: &str, limits: SandboxLimits) -> Result<WasmStrategy, LoadError> {
+    pub fn builtin(name: &str, setup: &StrategySetup) -> Result<WasmStrategy, LoadError> {
         let path = PathBuf::from(format!("<built-in {name}>"));
         let component = super::builtin::compiled(name, &path)?;
-        WasmStrategy::new(name.to_string(), &component, &path, limits)
+        WasmStrategy::new(name.to_string(), &component, &path, setup)
     }
 
     /// Wraps an already compiled component; `path` names it in errors.
@@ -201,54 +225,105 @@ impl WasmStrategy {
         name: String,
         component: &Component,
         path: &Path,
-        limits: SandboxLimits,
+        setup: &StrategySetup,
     ) -> Result<WasmStrategy, LoadError> {
         let engine = engine();
+        let exports: Vec<String> = component
+            .component_type()
+            .exports(engine)
+            .map(|(name, _)| name.to_string())
+            .collect();
+        let contract = if exports.iter().any(|e| e == v0_2::SELECTOR_EXPORT) {
+            Contract::V0_2
+        } else if exports.iter().any(|e| e == v0_1::SELECTOR_EXPORT) {
+            Contract::V0_1
+        } else {
+            return Err(LoadError::MissingExport {
+                path: path.to_path_buf(),
+                message: format!(
+                    "exports no strategy selector: it exports {}, but a strategy exports one of {}",
+                    if exports.is_empty() {
+                        "nothing".to_string()
+                    } else {
+                        exports
+                            .iter()
+                            .map(|e| format!("`{e}`"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    },
+                    KNOWN_SELECTOR_EXPORTS
+                        .iter()
+                        .map(|e| format!("`{e}`"))
+                        .collect::<Vec<_>>()
+                        .join(" or ")
+                ),
+            });
+        };
+        let invalid = |e: wasmtime::Error| LoadError::Invalid {
+            path: path.to_path_buf(),
+            message: format!("{e:#}"),
+        };
         let mut linker = Linker::<Guest>::new(engine);
-        let imports: Vec<String> = component
+        let granted: &[&str] = match contract {
+            Contract::V0_2 => {
+                v0_2::add_to_linker(&mut linker).map_err(invalid)?;
+                &v0_2::IMPORTS
+            }
+            _ => &[],
+        };
+        let ungranted: Vec<String> = component
             .component_type()
             .imports(engine)
             .map(|(name, _)| name.to_string())
+            .filter(|name| !granted.contains(&name.as_str()))
             .collect();
-        if !imports.is_empty() {
-            // Modules get no capabilities. A toolchain that imports WASI
-            // anyway still loads, but any call to an import traps.
+        if !ungranted.is_empty() {
+            // Modules get no capabilities beyond the contract's. A toolchain
+            // that imports WASI anyway still loads, but any call to an
+            // import traps.
             tracing::warn!(
                 module = %name,
-                imports = %imports.join(", "),
+                imports = %ungranted.join(", "),
                 "strategy module imports host functions; none are granted, calls to them will trap"
             );
             linker
                 .define_unknown_imports_as_traps(component)
-                .map_err(|e| LoadError::Invalid {
-                    path: path.to_path_buf(),
-                    message: format!("{e:#}"),
-                })?;
+                .map_err(invalid)?;
         }
-        let instance_pre = linker
-            .instantiate_pre(component)
-            .map_err(|e| LoadError::Invalid {
-                path: path.to_path_buf(),
-                message: format!("{e:#}"),
-            })?;
-        let pre = StrategyPre::new(instance_pre).map_err(|e| LoadError::MissingExport {
-            path: path.to_path_buf(),
-            message: format!("{e:#}"),
-        })?;
+        let pre = linker.instantiate_pre(component).map_err(invalid)?;
+        let observes =
+            contract == Contract::V0_2 && exports.iter().any(|e| e == v0_2::OBSERVER_EXPORT);
         let strategy = WasmStrategy {
+            log: Arc::new(ModuleLog::new(name.clone(), Arc::clone(&setup.log))),
             name,
+            contract,
             pre,
-            limits,
+            observes,
+            limits: setup.limits,
+            options: setup.options.clone(),
+            backends: Mutex::new(setup.backends.clone().into()),
             live: Mutex::new(None),
         };
-        let first = strategy.instantiate().map_err(|e| LoadError::Instantiate {
-            path: path.to_path_buf(),
-            message: e.to_string(),
+        let first = strategy.instantiate().map_err(|e| match e {
+            StrategyError::Configure(message) => LoadError::Configure {
+                path: path.to_path_buf(),
+                message,
+            },
+            StrategyError::Instantiate(message) => LoadError::MissingExport {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => LoadError::Instantiate {
+                path: path.to_path_buf(),
+                message: other.to_string(),
+            },
         })?;
         *strategy.live.lock().unwrap_or_else(|e| e.into_inner()) = Some(first);
         Ok(strategy)
     }
 
+    /// A fresh instance, its functions looked up and (0.2.0) configured.
+    /// A missing or mistyped function is [`StrategyError::Instantiate`].
     fn instantiate(&self) -> Result<Live, StrategyError> {
         let mut store = Store::new(
             engine(),
@@ -257,6 +332,7 @@ impl WasmStrategy {
                     max_bytes: self.limits.memory_bytes,
                     exceeded: false,
                 },
+                log: Arc::clone(&self.log),
                 expired_at_cpu: None,
                 extensions: 0,
             },
@@ -286,16 +362,19 @@ impl WasmStrategy {
         self.arm(&mut store);
         let instance = self
             .pre
-            .instance_pre()
             .instantiate(&mut store)
             .map_err(|e| classify(e, &store))?;
-        let select =
-            selector(&mut store, &instance).map_err(|e| StrategyError::Trap(format!("{e:#}")))?;
-        Ok(Live {
-            store,
-            select,
-            args: Vec::new(),
-        })
+        let calls = match self.contract {
+            Contract::V0_2 => Calls::V0_2(v0_2::Calls::new(&mut store, &instance, self.observes)?),
+            _ => Calls::V0_1(v0_1::Calls::new(&mut store, &instance)?),
+        };
+        let mut live = Live { store, calls };
+        if let Calls::V0_2(calls) = &mut live.calls {
+            let backends = Arc::clone(&self.backends.lock().unwrap_or_else(|e| e.into_inner()));
+            self.arm(&mut live.store);
+            calls.configure(&mut live.store, &self.options, &backends)?;
+        }
+        Ok(live)
     }
 
     /// Sets the per-call budget: fresh fuel, a deadline `limits.timeout` from
@@ -310,38 +389,30 @@ impl WasmStrategy {
         guest.extensions = 0;
     }
 
-    fn call(
+    /// Runs `call` on the live instance (building one first if `build`),
+    /// under a fresh budget. A fault drops the instance: the store is
+    /// poisoned after a trap, and a module that answered nonsense has
+    /// state it cannot be trusted with.
+    fn with_live<R>(
         &self,
-        live: &mut Live,
-        backends: &[BackendView],
-    ) -> Result<Option<u32>, StrategyError> {
-        live.args.clear();
-        live.args.extend(backends.iter().map(|b| WitBackend {
-            id: b.id,
-            weight: b.weight,
-            active_connections: b.active_connections,
-            latency_micros: b.latency_micros,
-        }));
+        build: bool,
+        call: impl FnOnce(&mut Store<Guest>, &mut Calls) -> Result<R, StrategyError>,
+    ) -> Result<Option<R>, StrategyError> {
+        let mut slot = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        let live = match &mut *slot {
+            Some(live) => live,
+            None if build => slot.insert(self.instantiate()?),
+            None => return Ok(None),
+        };
         self.arm(&mut live.store);
-        live.select
-            .call(&mut live.store, &live.args)
-            .map_err(|e| classify(e, &live.store))
+        match call(&mut live.store, &mut live.calls) {
+            Ok(answer) => Ok(Some(answer)),
+            Err(fault) => {
+                *slot = None;
+                Err(fault)
+            }
+        }
     }
-}
-
-/// Looks up the `select` export with the host's argument type; wasmtime
-/// checks the component's `backend` record against it here.
-fn selector(store: &mut Store<Guest>, instance: &Instance) -> wasmtime::Result<Select> {
-    let interface = instance
-        .get_export_index(&mut *store, None, SELECTOR_EXPORT)
-        .ok_or_else(|| wasmtime::format_err!("no export {SELECTOR_EXPORT}"))?;
-    let func = instance
-        .get_export_index(&mut *store, Some(&interface), "select")
-        .ok_or_else(|| wasmtime::format_err!("no function select in {SELECTOR_EXPORT}"))?;
-    let func = instance
-        .get_func(&mut *store, func)
-        .ok_or_else(|| wasmtime::format_err!("select in {SELECTOR_EXPORT} is not a function"))?;
-    Select::new(&*store, func)
 }
 
 /// A duration in sandbox clock ticks, at least one.
@@ -351,7 +422,7 @@ fn deadline_ticks(timeout: Duration) -> u64 {
 
 /// Sorts a wasmtime error into a fault kind by its typed trap code, never by
 /// its message.
-fn classify(error: wasmtime::Error, store: &Store<Guest>) -> StrategyError {
+pub(super) fn classify(error: wasmtime::Error, store: &Store<Guest>) -> StrategyError {
     if store.data().limiter.exceeded {
         return StrategyError::Memory;
     }
@@ -429,29 +500,58 @@ impl Strategy for WasmStrategy {
         &self.name
     }
 
-    fn select(&self, backends: &[BackendView]) -> Result<Option<usize>, StrategyError> {
-        let mut slot = self.live.lock().unwrap_or_else(|e| e.into_inner());
-        let live = match &mut *slot {
-            Some(live) => live,
-            None => slot.insert(self.instantiate()?),
-        };
-        let result = match self.call(live, backends) {
-            Ok(Some(i)) if (i as usize) >= backends.len() => Err(StrategyError::BadIndex {
-                index: u64::from(i),
-                len: backends.len(),
-            }),
-            other => other,
-        };
-        match result {
-            Ok(answer) => Ok(answer.map(|i| i as usize)),
-            Err(fault) => {
-                // The store is poisoned after a trap, and a module that answers
-                // out of range has state it cannot be trusted with: rebuild it
-                // before its next call.
-                *slot = None;
-                Err(fault)
-            }
+    fn contract(&self) -> Contract {
+        self.contract
+    }
+
+    fn select(
+        &self,
+        request: &RequestView<'_>,
+        backends: &[BackendView],
+    ) -> Result<Option<usize>, StrategyError> {
+        let answer = self
+            .with_live(true, |store, calls| {
+                let answer = match calls {
+                    Calls::V0_1(calls) => calls.select(store, backends),
+                    Calls::V0_2(calls) => calls.select(store, request, backends),
+                }?;
+                match answer {
+                    Some(i) if (i as usize) >= backends.len() => Err(StrategyError::BadIndex {
+                        index: u64::from(i),
+                        len: backends.len(),
+                    }),
+                    other => Ok(other.map(|i| i as usize)),
+                }
+            })?
+            .flatten();
+        Ok(answer)
+    }
+
+    fn observes(&self) -> bool {
+        self.observes
+    }
+
+    fn observe(&self, outcome: &Outcome) -> Result<(), StrategyError> {
+        // No live instance: the one that made the pick faulted and is gone,
+        // and a fresh one would learn of a pick it never made.
+        self.with_live(false, |store, calls| match calls {
+            Calls::V0_2(calls) => calls.observe(store, outcome),
+            Calls::V0_1(_) => Ok(()),
+        })
+        .map(drop)
+    }
+
+    fn configure(&self, backends: &[BackendInfo]) -> Result<(), StrategyError> {
+        *self.backends.lock().unwrap_or_else(|e| e.into_inner()) = backends.to_vec().into();
+        if self.contract != Contract::V0_2 {
+            return Ok(());
         }
+        let options = &self.options;
+        self.with_live(false, |store, calls| match calls {
+            Calls::V0_2(calls) => calls.configure(store, options, backends),
+            Calls::V0_1(_) => Ok(()),
+        })
+        .map(drop)
     }
 }
 
@@ -459,6 +559,7 @@ impl std::fmt::Debug for WasmStrategy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WasmStrategy")
             .field("name", &self.name)
+            .field("contract", &self.contract)
             .field("limits", &self.limits)
             .finish_non_exhaustive()
     }

@@ -1,0 +1,255 @@
+//! Contract 0.2.0 (`wit/0.2.0`): `configure(options, backends)` on every
+//! fresh instance, `select(request, backends)`, an optional `observer`
+//! export with `observe(outcome)`, and the `logging` import.
+//!
+//! Per call the host lowers the request record (two short strings, a few
+//! numbers, the named headers) and the backend list; the request record is
+//! kept in the instance and refilled, so a call allocates nothing once its
+//! strings have grown to size (except for headers named in
+//! `strategy_headers`).
+
+use std::net::IpAddr;
+
+use wasmtime::component::{HasSelf, Instance, Linker, TypedFunc};
+use wasmtime::Store;
+
+use strategy_abi::{Backend as WitBackend, SelectWithRequest};
+
+use super::{classify, Guest};
+use crate::balancer::log::LogLevel;
+use crate::balancer::{BackendInfo, BackendView, Failure, Outcome, RequestView, StrategyError};
+
+mod bindings {
+    wasmtime::component::bindgen!({
+        path: "wit/0.2.0",
+        world: "observing-strategy",
+    });
+}
+
+use bindings::loadbalancer::strategy::{logging, types};
+
+/// The export every 0.2.0 module has.
+pub(super) const SELECTOR_EXPORT: &str = "loadbalancer:strategy/selector@0.2.0";
+/// The optional export of an observing 0.2.0 module.
+pub(super) const OBSERVER_EXPORT: &str = "loadbalancer:strategy/observer@0.2.0";
+/// The imports a 0.2.0 module is granted.
+pub(super) const IMPORTS: [&str; 2] = [
+    "loadbalancer:strategy/types@0.2.0",
+    "loadbalancer:strategy/logging@0.2.0",
+];
+
+/// Defines the contract's imports: `types` (no functions) and `logging`.
+pub(super) fn add_to_linker(linker: &mut Linker<Guest>) -> wasmtime::Result<()> {
+    bindings::ObservingStrategy::add_to_linker::<Guest, HasSelf<Guest>>(linker, |guest| guest)
+}
+
+impl types::Host for Guest {}
+
+impl logging::Host for Guest {
+    fn log(&mut self, level: logging::Level, message: String) {
+        let level = match level {
+            logging::Level::Debug => LogLevel::Debug,
+            logging::Level::Info => LogLevel::Info,
+            logging::Level::Warn => LogLevel::Warn,
+            logging::Level::Error => LogLevel::Error,
+        };
+        self.log.log(level, &message);
+    }
+}
+
+type ConfigureFunc = TypedFunc<(String, Vec<types::BackendInfo>), (Result<(), String>,)>;
+type ObserveFunc = TypedFunc<(types::Outcome,), ()>;
+
+/// The functions of one 0.2.0 instance, and the request record and
+/// argument buffer reused from call to call.
+pub(super) struct Calls {
+    configure: ConfigureFunc,
+    select: SelectWithRequest<types::Request>,
+    observe: Option<ObserveFunc>,
+    request: types::Request,
+    args: Vec<WitBackend>,
+}
+
+impl Calls {
+    /// Looks up the selector's functions (and the observer's, if
+    /// `observes`); wasmtime checks their types against the contract here.
+    pub(super) fn new(
+        store: &mut Store<Guest>,
+        instance: &Instance,
+        observes: bool,
+    ) -> Result<Calls, StrategyError> {
+        let func = |store: &mut Store<Guest>, interface: &str, name: &str| {
+            let missing =
+                || StrategyError::Instantiate(format!("no function `{name}` in `{interface}`"));
+            let parent = instance
+                .get_export_index(&mut *store, None, interface)
+                .ok_or_else(missing)?;
+            instance
+                .get_export_index(&mut *store, Some(&parent), name)
+                .and_then(|index| instance.get_func(&mut *store, index))
+                .ok_or_else(missing)
+        };
+        let mistyped = |name: &str, interface: &str, signature: &str, e: wasmtime::Error| {
+            StrategyError::Instantiate(format!(
+                "`{name}` in `{interface}` does not have the contract's type `{signature}`: {e:#}"
+            ))
+        };
+        let configure = func(store, SELECTOR_EXPORT, "configure")?
+            .typed(&*store)
+            .map_err(|e| {
+                mistyped(
+                    "configure",
+                    SELECTOR_EXPORT,
+                    "func(options: string, backends: list<backend-info>) -> result<_, string>",
+                    e,
+                )
+            })?;
+        let select = func(store, SELECTOR_EXPORT, "select")?;
+        let select = SelectWithRequest::new(&*store, select).map_err(|e| {
+            mistyped(
+                "select",
+                SELECTOR_EXPORT,
+                "func(request: request, backends: list<backend>) -> option<u32>",
+                e,
+            )
+        })?;
+        let observe = if observes {
+            Some(
+                func(store, OBSERVER_EXPORT, "observe")?
+                    .typed(&*store)
+                    .map_err(|e| {
+                        mistyped("observe", OBSERVER_EXPORT, "func(outcome: outcome)", e)
+                    })?,
+            )
+        } else {
+            None
+        };
+        Ok(Calls {
+            configure,
+            select,
+            observe,
+            request: types::Request {
+                method: types::Method::Get,
+                path: String::new(),
+                authority: String::new(),
+                client: types::IpAddress::Ipv4((127, 0, 0, 1)),
+                hash_key: None,
+                headers: Vec::new(),
+                attempt: 0,
+                random: 0,
+                id: 0,
+            },
+            args: Vec::new(),
+        })
+    }
+
+    /// `configure(options, backends)`: the module's `Err` is
+    /// [`StrategyError::Configure`] with its message.
+    pub(super) fn configure(
+        &mut self,
+        store: &mut Store<Guest>,
+        options: &str,
+        backends: &[BackendInfo],
+    ) -> Result<(), StrategyError> {
+        let infos = backends
+            .iter()
+            .map(|b| types::BackendInfo {
+                id: b.id,
+                address: b.address.clone(),
+                weight: b.weight,
+                labels: b.labels.clone(),
+            })
+            .collect();
+        let (answer,) = self
+            .configure
+            .call(&mut *store, (options.to_string(), infos))
+            .map_err(|e| classify(e, store))?;
+        answer.map_err(StrategyError::Configure)
+    }
+
+    pub(super) fn select(
+        &mut self,
+        store: &mut Store<Guest>,
+        request: &RequestView<'_>,
+        backends: &[BackendView],
+    ) -> Result<Option<u32>, StrategyError> {
+        fill(&mut self.request, request);
+        self.args.clear();
+        self.args.extend(backends.iter().map(|b| WitBackend {
+            id: b.id,
+            weight: b.weight,
+            in_flight: b.in_flight,
+            latency_micros: b.latency_micros,
+        }));
+        self.select
+            .call(&mut *store, &self.request, &self.args)
+            .map_err(|e| classify(e, store))
+    }
+
+    pub(super) fn observe(
+        &mut self,
+        store: &mut Store<Guest>,
+        outcome: &Outcome,
+    ) -> Result<(), StrategyError> {
+        let Some(observe) = &self.observe else {
+            return Ok(());
+        };
+        let outcome = types::Outcome {
+            backend_id: outcome.backend_id,
+            status: outcome.status,
+            failure: outcome.failure.map(|f| match f {
+                Failure::Connect => types::Failure::Connect,
+                Failure::Timeout => types::Failure::Timeout,
+                Failure::Io => types::Failure::Io,
+            }),
+            latency_micros: outcome.latency_micros,
+            attempt: outcome.attempt,
+            request_id: outcome.request_id,
+        };
+        observe
+            .call(&mut *store, (outcome,))
+            .map_err(|e| classify(e, store))
+    }
+}
+
+/// Refills the reused request record from `view`, keeping the strings'
+/// allocations.
+fn fill(request: &mut types::Request, view: &RequestView<'_>) {
+    use http::Method;
+    request.method = match *view.method {
+        Method::GET => types::Method::Get,
+        Method::HEAD => types::Method::Head,
+        Method::POST => types::Method::Post,
+        Method::PUT => types::Method::Put,
+        Method::DELETE => types::Method::Delete,
+        Method::CONNECT => types::Method::Connect,
+        Method::OPTIONS => types::Method::Options,
+        Method::TRACE => types::Method::Trace,
+        Method::PATCH => types::Method::Patch,
+        ref other => types::Method::Other(other.as_str().to_string()),
+    };
+    request.path.clear();
+    request.path.push_str(view.path);
+    request.authority.clear();
+    request.authority.push_str(view.authority);
+    request.client = match view.client {
+        IpAddr::V4(ip) => {
+            let [a, b, c, d] = ip.octets();
+            types::IpAddress::Ipv4((a, b, c, d))
+        }
+        IpAddr::V6(ip) => {
+            let [a, b, c, d, e, f, g, h] = ip.segments();
+            types::IpAddress::Ipv6((a, b, c, d, e, f, g, h))
+        }
+    };
+    request.hash_key = view.hash_key;
+    request.headers.clear();
+    request.headers.extend(
+        view.headers
+            .iter()
+            .map(|(name, value)| (name.to_string(), value.to_string())),
+    );
+    request.attempt = view.attempt;
+    request.random = view.random;
+    request.id = view.id;
+}

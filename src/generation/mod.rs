@@ -1,0 +1,401 @@
+//! Config generations: a [`State`] is everything a request needs from one
+//! config (the config itself, its backend pool, its strategy), built
+//! completely before it serves; [`Generations`] holds the current one,
+//! swaps in a new one on reload, and keeps what outlives a generation (the
+//! backend registry, the metrics, the health checker's handle).
+//!
+//! Used by the proxy, the admin API and (through the backends it is given)
+//! the health checker, so none of them reaches into another's internals.
+//! Every attempt's [`Outcome`] is recorded here, in one place
+//! ([`State::record`]): it feeds passive health, latency, metrics and, for
+//! 0.2.0 observers, the strategy.
+
+use std::cell::RefCell;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::task::AbortHandle;
+
+use crate::balancer::{
+    self, BackendView, Balancer, Contract, Decision, LoadError, LogLevel, LogSink, Outcome,
+    RequestView, StrategySetup, TracingLog,
+};
+use crate::config::{Config, ConfigError};
+use crate::health;
+use crate::metrics::Metrics;
+use crate::server::{Backend, Registry};
+use crate::throttle::LogThrottle;
+
+pub use crate::server::Pool;
+
+/// Why a generation could not be built from a config.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The strategy module could not be loaded, or its `configure` refused
+    /// the config.
+    #[error(transparent)]
+    Strategy(#[from] LoadError),
+    /// A backend address could not be used.
+    #[error("backend address: {0}")]
+    Backend(String),
+}
+
+/// Why a reload was rejected; the old config keeps serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The balancer was started from a config value, not a file.
+    #[error("no config file to reload: the balancer was started without one")]
+    NoFile,
+    /// The new config file is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The new config could not be put in place (its module, say).
+    #[error(transparent)]
+    Build(#[from] BuildError),
+}
+
+/// One config generation: everything a request needs. A reload builds a new
+/// one and swaps it in; requests in flight keep the one they started with.
+#[derive(Debug)]
+pub struct State {
+    config: Config,
+    pool: Pool,
+    balancer: Balancer,
+    /// Whether the strategy reads the request (0.2.0): only then are the
+    /// hash key and the named headers worked out per request.
+    sees_requests: bool,
+}
+
+/// What [`State::pick`] decided.
+#[derive(Debug)]
+pub enum Pick<'a> {
+    /// Send the request to this backend.
+    Backend(&'a Arc<Backend>),
+    /// The strategy answered `none`.
+    Refused,
+    /// No backend is eligible; the strategy was not asked.
+    NoneEligible,
+}
+
+impl State {
+    /// Builds a generation from `config`: the pool from `registry` (a
+    /// backend that stays keeps its stats), then the strategy module,
+    /// compiled now (never per request) and, for 0.2.0, configured with the
+    /// options and backends.
+    pub fn build(
+        config: Config,
+        registry: &Registry,
+        metrics: &Arc<Metrics>,
+    ) -> Result<State, BuildError> {
+        let pool = registry
+            .pool(&config.backends)
+            .map_err(|e| BuildError::Backend(e.to_string()))?;
+        let setup = StrategySetup {
+            options: config.strategy_options_json(),
+            backends: pool.infos(),
+            log: Arc::new(MetricsLog(Arc::clone(metrics))),
+            ..StrategySetup::new(config.sandbox)
+        };
+        let strategy = balancer::load(&config.strategy, &setup)?;
+        let sees_requests = strategy.contract() == Contract::V0_2;
+        if !sees_requests {
+            let unused: Vec<&str> = [
+                ("hash_key", config.hash_key.is_some()),
+                ("strategy_headers", !config.strategy_headers.is_empty()),
+                (
+                    "strategy_options",
+                    config.strategy_options != serde_json::json!({}),
+                ),
+            ]
+            .iter()
+            .filter(|(_, set)| *set)
+            .map(|(key, _)| *key)
+            .collect();
+            if !unused.is_empty() {
+                tracing::warn!(
+                    "{} set, but strategy {} implements contract {}, which sees no request and takes no options: ignored",
+                    unused.join(", "),
+                    strategy.name(),
+                    strategy.contract().as_str()
+                );
+            }
+        }
+        let fault_metrics = Arc::clone(metrics);
+        let balancer = Balancer::new(strategy)
+            .on_fault(Box::new(move |kind| fault_metrics.record_fault(kind)));
+        Ok(State {
+            config,
+            pool,
+            balancer,
+            sees_requests,
+        })
+    }
+
+    /// The configuration this generation was built from.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The backends and their live stats.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// The strategy and its fault counters.
+    pub fn balancer(&self) -> &Balancer {
+        &self.balancer
+    }
+
+    /// Whether the strategy reads the request beyond its backend list (the
+    /// caller may skip working out the hash key and headers if not).
+    pub fn sees_requests(&self) -> bool {
+        self.sees_requests
+    }
+
+    /// Asks the strategy for an eligible backend not in `exclude`.
+    pub fn pick(&self, metrics: &Metrics, request: &RequestView<'_>, exclude: &[u32]) -> Pick<'_> {
+        thread_local! {
+            // One buffer per worker thread: no allocation per request once
+            // it has grown to the number of backends.
+            static ELIGIBLE: RefCell<Vec<BackendView>> = const { RefCell::new(Vec::new()) };
+        }
+        ELIGIBLE.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            self.pool.eligible(exclude, &mut buf);
+            let started = std::time::Instant::now();
+            let decision = self.balancer.select(request, &buf);
+            if decision != Decision::NoneEligible {
+                metrics.record_select(started.elapsed());
+            }
+            match decision {
+                Decision::Backend(i) => Pick::Backend(
+                    self.pool
+                        .get(buf[i].id)
+                        .expect("eligible ids come from the pool"),
+                ),
+                Decision::Refused => Pick::Refused,
+                Decision::NoneEligible => Pick::NoneEligible,
+            }
+        })
+    }
+
+    /// Records how one attempt on `backend` ended: a response counts toward
+    /// its health and latency, a failure toward its unhealthy threshold
+    /// (passive checking) and `lb_upstream_errors_total` (and
+    /// `lb_retries_total` if the request is `retried` elsewhere); an
+    /// observing strategy is told either way.
+    pub fn record(&self, metrics: &Metrics, backend: &Backend, outcome: &Outcome, retried: bool) {
+        let health = &self.config.health;
+        match outcome.failure {
+            None => {
+                backend.record_latency(Duration::from_micros(u64::from(outcome.latency_micros)));
+                backend.observe_health(true, health.healthy_threshold, health.unhealthy_threshold);
+            }
+            Some(failure) => {
+                if backend.observe_health(
+                    false,
+                    health.healthy_threshold,
+                    health.unhealthy_threshold,
+                ) == Some(false)
+                {
+                    tracing::warn!(
+                        backend = backend.address(),
+                        "backend {} is unhealthy after {} consecutive failed requests (last: {})",
+                        backend.address(),
+                        health.unhealthy_threshold,
+                        failure.as_str()
+                    );
+                }
+                metrics.record_upstream_error(backend.address(), failure.as_str(), retried);
+            }
+        }
+        self.balancer.observe(outcome);
+    }
+}
+
+/// The balancer's log for a module's lines, counting the ones its rate
+/// limit drops in `lb_strategy_log_dropped_total`.
+struct MetricsLog(Arc<Metrics>);
+
+impl LogSink for MetricsLog {
+    fn line(&self, module: &str, level: LogLevel, message: &str) {
+        TracingLog.line(module, level, message);
+    }
+
+    fn dropped(&self, _module: &str) {
+        self.0.record_log_dropped();
+    }
+}
+
+/// The current generation and what outlives it: the backend registry, the
+/// metrics, the config file, and the health checker of the generation in
+/// service.
+pub struct Generations {
+    current: ArcSwap<State>,
+    metrics: Arc<Metrics>,
+    registry: Arc<Registry>,
+    config_path: Option<PathBuf>,
+    /// One reload at a time.
+    reload_lock: tokio::sync::Mutex<()>,
+    /// The health checker of the current generation.
+    checker: Mutex<Option<AbortHandle>>,
+    /// Throttles the "no healthy backend" warning, which would otherwise
+    /// come once per request during an outage.
+    outage_log: LogThrottle,
+}
+
+impl Generations {
+    /// Builds the first generation from `config`; `config_path` is the file
+    /// a reload reads again. Nothing runs until [`Generations::install`].
+    pub fn new(
+        config: Config,
+        config_path: Option<PathBuf>,
+    ) -> Result<(Generations, Arc<State>), BuildError> {
+        let metrics = Arc::new(Metrics::new());
+        let registry = Arc::new(Registry::new());
+        let state = Arc::new(State::build(config, &registry, &metrics)?);
+        let generations = Generations {
+            current: ArcSwap::new(Arc::clone(&state)),
+            metrics,
+            registry,
+            config_path,
+            reload_lock: tokio::sync::Mutex::new(()),
+            checker: Mutex::new(None),
+            outage_log: LogThrottle::new(Duration::from_secs(1)),
+        };
+        Ok((generations, state))
+    }
+
+    /// The generation in service.
+    pub fn current(&self) -> Arc<State> {
+        self.current.load_full()
+    }
+
+    /// The generation in service, without taking a reference count: for a
+    /// quick look at a setting.
+    pub fn peek(&self) -> arc_swap::Guard<Arc<State>> {
+        self.current.load()
+    }
+
+    /// The metrics, kept across generations.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Logs (at most once a second) that no backend is eligible.
+    pub fn log_outage(&self) {
+        if let Some(suppressed) = self.outage_log.allow() {
+            tracing::warn!(suppressed, "no healthy backend: answering 503");
+        }
+    }
+
+    /// Puts `state` in service and restarts health checking for its
+    /// backends. Must be called inside a tokio runtime.
+    pub fn install(&self, state: Arc<State>) {
+        let checker = tokio::spawn(health::run(
+            state.pool().backends().to_vec(),
+            state.config().health.clone(),
+        ))
+        .abort_handle();
+        self.registry.commit(state.pool());
+        self.current.store(state);
+        let previous = self
+            .checker
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace(checker);
+        if let Some(previous) = previous {
+            previous.abort();
+        }
+    }
+
+    /// Stops the health checks (at shutdown).
+    pub fn stop_health_checks(&self) {
+        if let Some(checker) = self
+            .checker
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            checker.abort();
+        }
+    }
+
+    /// Re-reads the config file, builds the new generation completely
+    /// (module compiled and configured, pool built) and only then swaps it
+    /// in. On any error the old generation keeps serving. Returns the new
+    /// config's summary.
+    pub async fn reload(&self) -> Result<String, ReloadError> {
+        let _one_at_a_time = self.reload_lock.lock().await;
+        let result = self.try_reload().await;
+        self.metrics.record_reload(result.is_ok());
+        match &result {
+            Ok(summary) => tracing::info!("config reloaded: {summary}"),
+            Err(error) => {
+                tracing::error!("config reload rejected, keeping the old config: {error}")
+            }
+        }
+        result
+    }
+
+    async fn try_reload(&self) -> Result<String, ReloadError> {
+        let path = self.config_path.clone().ok_or(ReloadError::NoFile)?;
+        let old = self.current();
+        // Loading reads a file and may compile a large module for seconds:
+        // keep it off the threads that serve requests.
+        let registry = Arc::clone(&self.registry);
+        let metrics = Arc::clone(&self.metrics);
+        let new = tokio::task::spawn_blocking(move || -> Result<State, ReloadError> {
+            let config = keep_start_only_settings(Config::load(&path)?, old.config());
+            Ok(State::build(config, &registry, &metrics)?)
+        })
+        .await
+        .expect("the reload task does not panic")?;
+        let summary = new.config.summary();
+        self.install(Arc::new(new));
+        Ok(summary)
+    }
+}
+
+impl std::fmt::Debug for Generations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Generations")
+            .field("config_path", &self.config_path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Listeners and worker threads stay as they are until a restart: a new
+/// config that changes them gets the running values, with a warning.
+fn keep_start_only_settings(mut config: Config, old: &Config) -> Config {
+    if config.listen_address != old.listen_address {
+        tracing::warn!(
+            "listen_address changed to {}: this needs a restart; still listening on {}",
+            config.listen_address,
+            old.listen_address
+        );
+        config.listen_address = old.listen_address;
+    }
+    if config.admin_address != old.admin_address {
+        tracing::warn!(
+            "admin_address changed: this needs a restart; the admin listener stays on {:?}",
+            old.admin_address
+        );
+        config.admin_address = old.admin_address;
+    }
+    let (old_tuning, new_tuning) = (old.tuning, &mut config.tuning);
+    if new_tuning.worker_threads != old_tuning.worker_threads
+        || new_tuning.listen_backlog != old_tuning.listen_backlog
+    {
+        tracing::warn!(
+            "worker_threads and listen_backlog need a restart; keeping {} workers and a backlog of {}",
+            old_tuning.worker_threads,
+            old_tuning.listen_backlog
+        );
+        new_tuning.worker_threads = old_tuning.worker_threads;
+        new_tuning.listen_backlog = old_tuning.listen_backlog;
+    }
+    config
+}
