@@ -420,21 +420,15 @@ fn inverse_mod(x: u64, m: u64) -> u64 {
     t0.rem_euclid(m as i64) as u64
 }
 
-/// Where an id stands in the current call's eligible list: valid only when
-/// `stamp` is the call's, so the array is never cleared between calls.
-#[derive(Debug, Clone, Copy, Default)]
-struct Slot {
-    stamp: u32,
-    position: u32,
-}
-
 /// The module's state: the table, and the reusable id -> position array.
 #[derive(Debug)]
 pub struct Maglev {
     config: Config,
     table: Vec<u32>,
-    slots: Vec<Slot>,
-    stamp: u32,
+    /// Per id, where it stood in the eligible list when last seen: a hint,
+    /// checked against the list before use (see [`Maglev::select`]), so the
+    /// array is never cleared and needs no stamp.
+    positions: Vec<u32>,
 }
 
 impl Default for Maglev {
@@ -451,8 +445,7 @@ impl Maglev {
                 balance_factor: None,
             },
             table: Vec::new(),
-            slots: Vec::new(),
-            stamp: 0,
+            positions: Vec::new(),
         }
     }
 
@@ -467,8 +460,8 @@ impl Maglev {
             .map(|b| b.id as usize + 1)
             .max()
             .unwrap_or(0);
-        if ids > self.slots.len() {
-            self.slots.resize(ids, Slot::default());
+        if ids > self.positions.len() {
+            self.positions.resize(ids, u32::MAX);
         }
         Ok(())
     }
@@ -476,6 +469,45 @@ impl Maglev {
     /// The table entry at `index`: a backend id.
     pub fn table(&self) -> &[u32] {
         &self.table
+    }
+
+    /// Records every eligible backend's position: one pass over the list.
+    fn mark<B: Eligible>(&mut self, backends: &[B]) {
+        for (position, backend) in backends.iter().enumerate() {
+            let id = backend.id() as usize;
+            if id >= self.positions.len() {
+                // Only for an id configure did not announce.
+                self.positions.resize(id + 1, u32::MAX);
+            }
+            self.positions[id] = position as u32;
+        }
+    }
+
+    /// Where `id` stands in `backends`, if it is there. The hint is right
+    /// when the list holds `id` at that position, which settles it; once
+    /// this call has marked the list, every present id's hint is fresh, so
+    /// a miss means absent. Until then, a miss marks the list (at most once
+    /// per call) and looks again. So while the eligible list stays as it
+    /// was, a call costs no pass over it.
+    fn position<B: Eligible>(
+        &mut self,
+        id: u32,
+        backends: &[B],
+        marked: &mut bool,
+    ) -> Option<usize> {
+        loop {
+            if let Some(&hint) = self.positions.get(id as usize) {
+                let hint = hint as usize;
+                if hint < backends.len() && backends[hint].id() == id {
+                    return Some(hint);
+                }
+            }
+            if *marked {
+                return None;
+            }
+            self.mark(backends);
+            *marked = true;
+        }
     }
 
     /// The position in `backends` (eligible, never empty) for `key`.
@@ -497,28 +529,19 @@ impl Maglev {
         if len == 0 {
             return None;
         }
-        self.stamp = self.stamp.wrapping_add(1);
-        if self.stamp == 0 {
-            // Once in 2^32 calls: stamps from the previous lap must not match.
-            self.slots.fill(Slot::default());
-            self.stamp = 1;
-        }
-        let stamp = self.stamp;
+        // The totals for bounded load need a pass anyway: mark in it.
+        let mut marked = false;
         let (mut in_flight, mut weight) = (0u64, 0u64);
-        for (position, backend) in backends.iter().enumerate() {
-            let id = backend.id() as usize;
-            if id >= self.slots.len() {
-                // Only for an id configure did not announce.
-                self.slots.resize(id + 1, Slot::default());
+        if self.config.balance_factor.is_some() {
+            self.mark(backends);
+            marked = true;
+            for backend in backends {
+                in_flight += u64::from(backend.in_flight());
+                weight += u64::from(backend.weight().max(1));
             }
-            self.slots[id] = Slot {
-                stamp,
-                position: position as u32,
-            };
-            in_flight += u64::from(backend.in_flight());
-            weight += u64::from(backend.weight().max(1));
         }
-        let has_room = |backend: &B| match self.config.balance_factor {
+        let balance_factor = self.config.balance_factor;
+        let has_room = |backend: &B| match balance_factor {
             None => true,
             Some(c) => {
                 let share = u64::from(backend.weight().max(1)) as f64 / weight as f64;
@@ -531,12 +554,11 @@ impl Maglev {
         if m > 0 {
             let mut index = (key % m as u64) as usize;
             for _ in 0..MAX_PROBES.min(m) {
-                let id = self.table[index] as usize;
-                if let Some(slot) = self.slots.get(id)
-                    && slot.stamp == stamp
-                    && has_room(&backends[slot.position as usize])
+                let id = self.table[index];
+                if let Some(position) = self.position(id, backends, &mut marked)
+                    && has_room(&backends[position])
                 {
-                    return Some(slot.position);
+                    return u32::try_from(position).ok();
                 }
                 index += 1;
                 if index == m {
