@@ -4,7 +4,8 @@
 # The output is byte-for-byte reproducible from any clone folder, given the same
 # rustc and wasm-tools: CI rebuilds and fails when dist/ differs from the sources.
 # Std Rust on wasm32-unknown-unknown imports nothing, and `wasm-tools component
-# new` wraps the core module as a component exporting only the selector.
+# new` wraps the core module as a component exporting the selector (and, for a
+# 0.2.0 module, importing only its contract's `types` and `logging`).
 #
 # Usage: plugins/build.sh        (from anywhere; needs nothing from the repo root
 #                                 but wit/, and installs what is missing when it can)
@@ -18,7 +19,9 @@ RUSTC_VERSION="1.95.0"
 TARGET="wasm32-unknown-unknown"
 # Crates built as they are: folder (relative to plugins/) -> dist/<name>.wasm,
 # where <name>, the folder's last part, is also the package name.
-MODULES=(round-robin least-connections weighted-round-robin fixtures/pick-last)
+# 0.1.0 modules first, then 0.2.0 ones.
+MODULES=(round-robin least-connections weighted-round-robin fixtures/pick-last
+    consistent-hash peak-ewma fixtures/probe)
 # The hostile fixture, built once per behaviour: dist/misbehave-<feature>.wasm.
 MISBEHAVIOURS=(loop trap bad-index memory flaky)
 # Built for wasm32-wasip2 on purpose, so that it imports WASI: the test that
@@ -120,7 +123,8 @@ cp "$staging"/*.wasm dist/
 
 check_strategy_component "$CARGO_TARGET_DIR/template.wasm"
 echo
-echo "plugins/dist/ (rustc $rustc_version, wasm-tools $wasm_tools_version), all valid, all but $WASI_FIXTURE import-free:"
+echo "plugins/dist/ (rustc $rustc_version, wasm-tools $wasm_tools_version), all valid," \
+    "all but $WASI_FIXTURE importing nothing beyond their contract:"
 for file in "$staging"/*.wasm; do
     file="dist/$(basename "$file")"
     if [[ "$(basename "$file")" == "$WASI_FIXTURE.wasm" ]]; then

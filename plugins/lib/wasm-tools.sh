@@ -25,14 +25,31 @@ ensure_wasm_tools() {
 }
 
 # Fails unless FILE is a strategy module the host accepts: a valid component
-# that exports loadbalancer:strategy/selector and imports nothing.
+# that exports loadbalancer:strategy/selector and imports only what its
+# contract offers. A 0.1.0 module imports nothing. A 0.2.0 module may import
+# the contract's own interfaces, `types` (whose records the selector's
+# functions use, so every 0.2.0 module imports it) and `logging` (only if it
+# calls log), and nothing else: the host grants no other capability.
 check_strategy_component() { # FILE
     wasm-tools validate "$1"
-    local wit
+    local wit version allowed line
     wit="$(wasm-tools component wit "$1")"
-    if grep -Eq '^\s*import ' <<<"$wit"; then
-        die "$1 imports something, but a strategy module must import nothing:"$'\n'"$wit"
-    fi
-    grep -q 'export loadbalancer:strategy/selector@' <<<"$wit" ||
-        die "$1 does not export loadbalancer:strategy/selector"
+    # The world's lines read e.g. `  export loadbalancer:strategy/selector@0.2.0;`.
+    version="$(grep -m1 -oE '^\s*export loadbalancer:strategy/selector@[0-9]+\.[0-9]+\.[0-9]+;' <<<"$wit" || true)"
+    version="${version##*@}"
+    version="${version%;}"
+    case "$version" in
+    "") die "$1 does not export loadbalancer:strategy/selector" ;;
+    0.1.0) allowed='' ;;
+    0.2.0) allowed='loadbalancer:strategy/(types|logging)@0\.2\.0' ;;
+    *) die "$1 exports loadbalancer:strategy/selector@$version, a contract this check does not know (0.1.0, 0.2.0)" ;;
+    esac
+    while IFS= read -r line; do
+        if [[ -z "$allowed" ]]; then
+            die "$1 imports something, but a $version strategy module must import nothing:"$'\n'"$wit"
+        fi
+        grep -Eq "^\s*import $allowed;\$" <<<"$line" ||
+            die "$1 has \`${line#"${line%%[![:space:]]*}"}\`, but a $version strategy module may import only" \
+                "loadbalancer:strategy/types@$version and loadbalancer:strategy/logging@$version:"$'\n'"$wit"
+    done < <(grep -E '^\s*import ' <<<"$wit" || true)
 }
