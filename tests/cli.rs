@@ -192,8 +192,95 @@ fn strategy_list_names_the_built_ins() {
     assert!(out.status.success());
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
-        "round-robin\nleast-connections\nweighted-round-robin\n"
+        "round-robin\nleast-connections\nweighted-round-robin\nconsistent-hash\npeak-ewma\n"
     );
+}
+
+#[test]
+fn new_keys_are_checked_naming_the_key() {
+    let base = r#""listen_address": "127.0.0.1:8080", "backend_servers": ["127.0.0.1:8081"]"#;
+    for (extra, needles) in [
+        (
+            r#""hash_key": "headers:x-user""#,
+            &["hash_key", "unknown hash key \"headers:x-user\""][..],
+        ),
+        (
+            r#""hash_key": "cookie:""#,
+            &["hash_key", "names no cookie"][..],
+        ),
+        (
+            r#""hash_key": "header:connection""#,
+            &["hash_key", "hop-by-hop"][..],
+        ),
+        (
+            r#""strategy_headers": ["x-user", "X-User"]"#,
+            &["strategy_headers[1]", "listed twice"][..],
+        ),
+        (
+            r#""strategy_headers": ["bad header"]"#,
+            &["strategy_headers[0]", "not a valid header name"][..],
+        ),
+        (
+            r#""backend_servers": [{"address": "127.0.0.1:1", "labels": {"zone": 3}}]"#,
+            &["expected a string"][..],
+        ),
+        (
+            r#""backend_servers": [{"address": "127.0.0.1:1", "labels": {"": "x"}}]"#,
+            &["backend_servers[0].labels", "a label needs a name"][..],
+        ),
+        (
+            r#""strategy": "consistent-hash", "strategy_options": {"tabel_size": 7}"#,
+            &[
+                "<built-in consistent-hash>",
+                "configure refused",
+                "tabel_size",
+            ][..],
+        ),
+    ] {
+        // A later key replaces an earlier one of the same name in the base.
+        let text = if extra.starts_with(r#""backend_servers""#) {
+            format!(r#"{{ "listen_address": "127.0.0.1:8080", {extra} }}"#)
+        } else {
+            format!("{{ {base}, {extra} }}")
+        };
+        let (out, _d) = check("lb.json", &text);
+        assert_fails_naming(&out, needles);
+    }
+    let (out, _d) = check(
+        "lb.yaml",
+        "listen_address: 127.0.0.1:8080\nbackend_servers:\n  - address: 127.0.0.1:8081\n    labels: {zone: b}\nstrategy: consistent-hash\nhash_key: cookie:session\nstrategy_headers: [x-user]\nstrategy_options:\n  table_size: 251\n  balance_factor: 1.5\n",
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn strategy_test_runs_0_2_0_modules() {
+    for module in ["consistent-hash", "peak-ewma"] {
+        let out = run(&[
+            "strategy",
+            "test",
+            module,
+            "--backends",
+            "3",
+            "--requests",
+            "300",
+        ]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{module}: {stdout}{}", stderr(&out));
+        assert!(stdout.contains("faults: none"), "{module}: {stdout}");
+        let picks: Vec<u64> = stdout
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .filter(|cols| cols.len() == 4 && cols[0].parse::<u32>().is_ok())
+            .map(|cols| cols[2].parse().unwrap())
+            .collect();
+        assert_eq!(picks.len(), 3, "{stdout}");
+        assert_eq!(picks.iter().sum::<u64>(), 300, "{stdout}");
+        assert!(
+            picks.iter().all(|&p| p > 0),
+            "{module} left a backend out: {stdout}"
+        );
+    }
 }
 
 #[test]

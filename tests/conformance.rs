@@ -196,3 +196,278 @@ fn least_connections_picks_the_minimum_and_rotates_ties() {
         assert_eq!(ones, 3, "{name}: ties must alternate: {picks:?}");
     }
 }
+
+// ---------------------------------------------------------------------------
+// Contract 0.2.0: the conformance table every shipped 0.2.0 module passes.
+
+use rust_load_balancer::balancer::{BackendInfo, Failure, LoadError, Outcome};
+
+/// How many backends the 0.2.0 modules are configured with; lists are
+/// ordered subsets of them, as the host sends.
+const CONFIGURED: u32 = 200;
+
+fn infos(n: u32) -> Vec<BackendInfo> {
+    (0..n)
+        .map(|id| BackendInfo {
+            id,
+            address: format!("10.0.{}.{}:8080", id / 250, id % 250 + 1),
+            weight: 1 + id % 4,
+            labels: vec![("zone".into(), ["a", "b", "c"][id as usize % 3].into())],
+        })
+        .collect()
+}
+
+fn setup_v0_2(options: &str, backends: Vec<BackendInfo>) -> StrategySetup {
+    StrategySetup {
+        options: options.into(),
+        backends,
+        ..StrategySetup::new(SandboxLimits::default())
+    }
+}
+
+/// Every 0.2.0 module the project ships, configured with `CONFIGURED`
+/// backends and default options.
+fn shipped_v0_2() -> Vec<(&'static str, Arc<dyn Strategy>)> {
+    let setup = setup_v0_2("{}", infos(CONFIGURED));
+    ["consistent-hash", "peak-ewma"]
+        .into_iter()
+        .map(|name| {
+            let strategy: Arc<dyn Strategy> = Arc::new(
+                WasmStrategy::builtin(name, &setup).unwrap_or_else(|e| panic!("{name}: {e}")),
+            );
+            (name, strategy)
+        })
+        .collect()
+}
+
+/// A cheap deterministic generator (xorshift).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A non-empty ordered subset of the configured backends.
+    fn list(&mut self) -> Vec<BackendView> {
+        let keep = 1 + self.next() % 100; // per cent kept
+        let mut list = Vec::new();
+        for id in 0..CONFIGURED {
+            if self.next() % 100 < keep {
+                list.push(BackendView {
+                    id,
+                    weight: 1 + id % 4,
+                    in_flight: (self.next() % 8) as u32,
+                    latency_micros: (self.next() % 20_000) as u32,
+                });
+            }
+        }
+        if list.is_empty() {
+            list.push(BackendView {
+                id: (self.next() % u64::from(CONFIGURED)) as u32,
+                weight: 1,
+                ..Default::default()
+            });
+        }
+        list
+    }
+}
+
+#[test]
+fn v0_2_answers_are_in_range_for_any_request_and_outcome() {
+    for (name, strategy) in shipped_v0_2() {
+        let balancer = Balancer::new(Arc::clone(&strategy));
+        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+        for call in 0..600u64 {
+            let list = rng.list();
+            let request = RequestView {
+                hash_key: (call % 3 != 0).then(|| rng.next()),
+                attempt: (call % 4) as u32,
+                ..RequestView::plain(call, rng.next())
+            };
+            let i = strategy
+                .select(&request, &list)
+                .unwrap_or_else(|e| panic!("{name} faulted: {e}"))
+                .unwrap_or_else(|| panic!("{name} refused a non-empty list"));
+            assert!(i < list.len(), "{name} answered {i} for {}", list.len());
+            // Every kind of outcome, for the pick just made.
+            let outcome = Outcome {
+                backend_id: list[i].id,
+                status: [Some(200), Some(503), None][call as usize % 3],
+                failure: [None, None, Some(Failure::Connect)][call as usize % 3],
+                latency_micros: (rng.next() % 50_000) as u32,
+                attempt: request.attempt,
+                request_id: call,
+            };
+            strategy
+                .observe(&outcome)
+                .unwrap_or_else(|e| panic!("{name} faulted in observe: {e}"));
+            assert_eq!(balancer.select(&request, &[]), Decision::NoneEligible);
+        }
+        let faults: u64 = FaultKind::ALL.iter().map(|k| balancer.faults(*k)).sum();
+        assert_eq!(faults, 0, "{name}");
+    }
+}
+
+#[test]
+fn v0_2_modules_are_reconfigured_when_the_backends_change() {
+    for (name, strategy) in shipped_v0_2() {
+        // A new set, with ids the old set did not have.
+        let changed: Vec<BackendInfo> = infos(CONFIGURED + 50).split_off(100);
+        strategy
+            .configure(&changed)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let list: Vec<BackendView> = changed
+            .iter()
+            .map(|b| BackendView {
+                id: b.id,
+                weight: b.weight,
+                ..Default::default()
+            })
+            .collect();
+        for call in 0..200 {
+            let i = pick_with(&*strategy, &RequestView::plain(call, call * 7919), &list);
+            assert!(i < list.len(), "{name}");
+        }
+    }
+}
+
+#[test]
+fn v0_2_modules_refuse_options_they_do_not_know_naming_them() {
+    for name in ["consistent-hash", "peak-ewma"] {
+        let setup = setup_v0_2(r#"{"no_such_option": 1}"#, infos(4));
+        match WasmStrategy::builtin(name, &setup) {
+            Err(LoadError::Configure { message, .. }) => {
+                assert!(message.contains("no_such_option"), "{name}: {message}")
+            }
+            other => panic!("{name}: expected a configure error, got {other:?}"),
+        }
+        let setup = setup_v0_2("not json", infos(4));
+        assert!(
+            matches!(
+                WasmStrategy::builtin(name, &setup),
+                Err(LoadError::Configure { .. })
+            ),
+            "{name} accepted options that are not JSON"
+        );
+    }
+}
+
+#[test]
+fn a_failed_reconfigure_is_a_configure_fault_served_by_round_robin() {
+    let probe =
+        WasmStrategy::from_file(&support::dist("probe.wasm"), &setup_v0_2("{}", infos(3))).unwrap();
+    let balancer = Balancer::new(Arc::new(probe));
+    let list = views(&[1, 1, 1]);
+    let request = RequestView::plain(1, 0);
+    assert_eq!(balancer.select(&request, &list), Decision::Backend(0));
+    // The live instance refuses the new list; the rebuild before the next
+    // call is configured with it and refuses too.
+    let mut refused = infos(3);
+    refused[2].labels.push(("refuse".into(), "yes".into()));
+    balancer.configure(&refused);
+    assert_eq!(balancer.faults(FaultKind::Configure), 1);
+    let picks: Vec<Decision> = (0..2).map(|_| balancer.select(&request, &list)).collect();
+    assert_eq!(
+        picks,
+        [Decision::Backend(0), Decision::Backend(1)],
+        "round robin serves"
+    );
+    assert_eq!(balancer.faults(FaultKind::Configure), 3);
+    // A list it accepts puts the module back (after the quarantine that
+    // three faults in a row start).
+    balancer.configure(&infos(3));
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    assert_eq!(balancer.select(&request, &list), Decision::Backend(0));
+}
+
+fn pick_with(strategy: &dyn Strategy, request: &RequestView<'_>, list: &[BackendView]) -> usize {
+    strategy
+        .select(request, list)
+        .unwrap_or_else(|e| panic!("{} faulted: {e}", strategy.name()))
+        .unwrap_or_else(|| panic!("{} refused a non-empty list", strategy.name()))
+}
+
+/// `n` backends configured and all eligible.
+fn consistent_hash(n: u32) -> (Arc<dyn Strategy>, Vec<BackendView>) {
+    let backends = infos(n);
+    let list = backends
+        .iter()
+        .map(|b| BackendView {
+            id: b.id,
+            weight: b.weight,
+            ..Default::default()
+        })
+        .collect();
+    let strategy = WasmStrategy::builtin("consistent-hash", &setup_v0_2("{}", backends)).unwrap();
+    (Arc::new(strategy), list)
+}
+
+fn keyed(key: u64) -> RequestView<'static> {
+    RequestView {
+        hash_key: Some(key),
+        ..RequestView::plain(key, 0)
+    }
+}
+
+#[test]
+fn consistent_hash_keys_stay_put_and_balancers_agree() {
+    let (one, list) = consistent_hash(10);
+    let (other, _) = consistent_hash(10);
+    let keys: Vec<u64> = (0..10_000u64)
+        .map(|k| k.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+        .collect();
+    let before: Vec<u32> = keys
+        .iter()
+        .map(|&k| list[pick_with(&*one, &keyed(k), &list)].id)
+        .collect();
+    // Two instances with the same config choose the same backend for every
+    // key, and a key keeps its backend from call to call.
+    for (&k, &id) in keys.iter().zip(&before) {
+        assert_eq!(list[pick_with(&*other, &keyed(k), &list)].id, id);
+        assert_eq!(list[pick_with(&*one, &keyed(k), &list)].id, id);
+    }
+    // Spread by weight (1, 2, 3, 4, 1, 2, ...: 25 in all): each backend
+    // within a fifth of its share.
+    let total_weight: u32 = list.iter().map(|b| b.weight).sum();
+    for b in &list {
+        let got = before.iter().filter(|&&id| id == b.id).count() as f64;
+        let want = keys.len() as f64 * f64::from(b.weight) / f64::from(total_weight);
+        assert!(
+            (got - want).abs() < want * 0.2,
+            "backend {}: {got} keys, want about {want}",
+            b.id
+        );
+    }
+    // Backend 3 leaves the eligible list: no key of another backend moves,
+    // and its keys spread over the others.
+    let without: Vec<BackendView> = list.iter().copied().filter(|b| b.id != 3).collect();
+    let mut moved_elsewhere = 0;
+    let mut landed = std::collections::HashSet::new();
+    for (&k, &id) in keys.iter().zip(&before) {
+        let now = without[pick_with(&*one, &keyed(k), &without)].id;
+        if id == 3 {
+            landed.insert(now);
+        } else if now != id {
+            moved_elsewhere += 1;
+        }
+    }
+    assert!(
+        moved_elsewhere < keys.len() / 50,
+        "{moved_elsewhere} keys of other backends moved"
+    );
+    assert!(
+        landed.len() >= 5,
+        "backend 3's keys went to only {landed:?}"
+    );
+    // Requests without a key are spread by `random`.
+    let mut seen = std::collections::HashSet::new();
+    for call in 0..200u64 {
+        let request = RequestView::plain(call, call.wrapping_mul(0xd1b5_4a32_d192_ed03));
+        seen.insert(pick_with(&*one, &request, &list));
+    }
+    assert_eq!(seen.len(), list.len());
+}

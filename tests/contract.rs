@@ -431,3 +431,141 @@ async fn a_trapping_0_2_0_module_is_contained_and_reconfigured() {
     assert!(configured.len() >= 2, "{}", binary.log());
     assert!(binary.log().contains("strategy fault"), "{}", binary.log());
 }
+
+/// Writes a config over `backends` with `strategy` (and extra keys) to `path`.
+fn write_strategy(path: &std::path::Path, backends: &[&TestBackend], strategy: &str, extra: Value) {
+    let mut config = json!({
+        "listen_address": "127.0.0.1:0",
+        "backend_servers": backends.iter().map(|b| b.address()).collect::<Vec<_>>(),
+        "strategy": strategy,
+    });
+    for (key, value) in extra.as_object().unwrap() {
+        config[key] = value.clone();
+    }
+    std::fs::write(path, config.to_string()).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_between_0_1_0_and_0_2_0_modules_under_load_lose_no_request() {
+    let backends = [
+        TestBackend::start("b0").await,
+        TestBackend::start("b1").await,
+        TestBackend::start("b2").await,
+    ];
+    let refs: Vec<&TestBackend> = backends.iter().collect();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("lb.json");
+    write_strategy(&path, &refs, "round-robin", json!({}));
+    let proxy =
+        rust_load_balancer::Proxy::start_from_file(Config::load(&path).unwrap(), path.clone())
+            .await
+            .unwrap();
+    let http = Http::new(proxy.local_addr());
+    let load = support::Load::start(&http, 4);
+    let probe = probe();
+    let steps: [(&str, Value); 6] = [
+        ("consistent-hash", json!({"hash_key": "client_ip"})),
+        ("round-robin", json!({})),
+        ("peak-ewma", json!({})),
+        ("least-connections", json!({})),
+        (
+            &probe,
+            json!({"strategy_options": {"pick": "round-robin", "log_configure": false}}),
+        ),
+        ("weighted-round-robin", json!({})),
+    ];
+    for (strategy, extra) in steps {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        write_strategy(&path, &refs, strategy, extra);
+        let summary = proxy
+            .reload()
+            .await
+            .unwrap_or_else(|e| panic!("{strategy}: {e}"));
+        assert!(summary.contains(strategy), "{summary}");
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let (ok, failed) = load.stop().await;
+    assert_eq!(failed, 0, "failed requests ({ok} answered)");
+    assert!(ok > 100, "only {ok} requests answered");
+    let faults: u64 = FaultKind::ALL
+        .iter()
+        .map(|k| proxy.state().balancer().faults(*k))
+        .sum();
+    assert_eq!(faults, 0);
+}
+
+/// The backend (its name) that answers a request keyed `user`.
+async fn owner(http: &Http, user: &str) -> String {
+    let answer = http.send(get(http, "/", &[("x-user", user)])).await;
+    assert_eq!(answer.status, StatusCode::OK, "{user}");
+    answer.text()
+}
+
+#[tokio::test]
+async fn consistent_hashing_agrees_across_balancers_and_moves_only_a_leaving_backends_keys() {
+    let mut backends = Vec::new();
+    for i in 0..5 {
+        backends.push(TestBackend::start(&format!("b{i}")).await);
+    }
+    let refs: Vec<&TestBackend> = backends.iter().collect();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("lb.json");
+    // Only live traffic marks a backend (after one failure); the active
+    // checks' first round, at start, finds every backend up.
+    write_strategy(
+        &path,
+        &refs,
+        "consistent-hash",
+        json!({"hash_key": "header:x-user", "unhealthy_threshold": 1, "health_check_interval": 3600}),
+    );
+    let config = Config::load(&path).unwrap();
+    let one = rust_load_balancer::Proxy::start(config.clone())
+        .await
+        .unwrap();
+    let other = rust_load_balancer::Proxy::start(config).await.unwrap();
+    let (http_one, http_other) = (Http::new(one.local_addr()), Http::new(other.local_addr()));
+
+    let users: Vec<String> = (0..300).map(|i| format!("user-{i}")).collect();
+    let mut before = Vec::new();
+    for user in &users {
+        let a = owner(&http_one, user).await;
+        assert_eq!(
+            owner(&http_other, user).await,
+            a,
+            "the balancers disagree on {user}"
+        );
+        assert_eq!(
+            owner(&http_one, user).await,
+            a,
+            "{user} moved between calls"
+        );
+        before.push(a);
+    }
+    for b in &backends {
+        let keys = before.iter().filter(|o| **o == b.name).count();
+        assert!(keys >= 30, "{} owns only {keys} of 300 keys", b.name);
+    }
+
+    // b2 goes away: its keys move (each answered, by retry, then because b2
+    // is out of rotation), every other key stays where it was, and both
+    // balancers still agree.
+    let gone = backends.remove(2);
+    gone.stop().await;
+    let mut moved_to = std::collections::HashSet::new();
+    for (user, was) in users.iter().zip(&before) {
+        let now = owner(&http_one, user).await;
+        assert_eq!(
+            owner(&http_other, user).await,
+            now,
+            "the balancers disagree on {user}"
+        );
+        if was == "b2" {
+            moved_to.insert(now);
+        } else {
+            assert_eq!(&now, was, "{user} moved although its backend stayed");
+        }
+    }
+    assert!(moved_to.len() >= 2, "b2's keys all went to {moved_to:?}");
+    assert!(!moved_to.contains("b2"));
+    assert!(!one.state().pool().backends()[2].is_healthy());
+}

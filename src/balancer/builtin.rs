@@ -13,6 +13,8 @@ pub fn builtin_module(name: &str) -> Option<&'static [u8]> {
         "round-robin" => include_bytes!("../../plugins/dist/round-robin.wasm"),
         "least-connections" => include_bytes!("../../plugins/dist/least-connections.wasm"),
         "weighted-round-robin" => include_bytes!("../../plugins/dist/weighted-round-robin.wasm"),
+        "consistent-hash" => include_bytes!("../../plugins/dist/consistent-hash.wasm"),
+        "peak-ewma" => include_bytes!("../../plugins/dist/peak-ewma.wasm"),
         _ => return None,
     })
 }
