@@ -270,3 +270,49 @@ async fn the_javascript_example_gives_weights_3_1_exactly() {
     config.backends[0].weight = 3;
     assert_eq!(sequential_hits(config, &backends, 400).await, [300, 100]);
 }
+
+#[tokio::test]
+async fn peak_ewma_avoids_a_backend_answering_500() {
+    let all = backends(3).await;
+    all[0].state.status.store(500, Ordering::SeqCst);
+    let proxy = start_proxy(with_strategy(&all, builtin("peak-ewma"))).await;
+    let http = Http::new(proxy.local_addr());
+    let mut errors = 0;
+    for _ in 0..90 {
+        if http.get("/").await.status != StatusCode::OK {
+            errors += 1;
+        }
+    }
+    // Each 500 is passed on as it is; after its first ones the erroring
+    // backend costs the failure penalty (1 s) and loses every pairing.
+    assert_eq!(errors, all[0].hits(), "a strategy never changes an answer");
+    assert!(
+        all[0].hits() <= 3,
+        "the 500 backend got {} of 90",
+        all[0].hits()
+    );
+    assert!(
+        all[1].hits() >= 20 && all[2].hits() >= 20,
+        "{:?}",
+        [all[1].hits(), all[2].hits()]
+    );
+}
+
+#[tokio::test]
+async fn peak_ewma_sends_less_to_a_slow_backend() {
+    let all = backends(2).await;
+    all[0].state.delay_ms.store(100, Ordering::SeqCst);
+    let proxy = start_proxy(with_strategy(&all, builtin("peak-ewma"))).await;
+    let http = Http::new(proxy.local_addr());
+    for _ in 0..60 {
+        assert_eq!(http.get("/").await.status, StatusCode::OK);
+    }
+    // 100 ms against about a millisecond (a spike of the fast one on a busy
+    // machine stays far below): once both are measured, the slow one is
+    // chosen only when its estimate has decayed, which takes far longer.
+    assert!(
+        all[0].hits() <= 5,
+        "the slow backend got {} of 60",
+        all[0].hits()
+    );
+}
