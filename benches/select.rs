@@ -1,5 +1,9 @@
-//! The cost of one `select` call: each built-in wasm module beside a native
-//! Rust implementation of the same algorithm, at 4, 16, 256 and 1024
+//! The cost of one `select` call: each built-in 0.1.0 wasm module beside a
+//! native Rust implementation of the same algorithm, at 4, 16, 256 and 1024
+//! backends; and the 0.2.0 calls: `select` with a typical request (a 20-byte
+//! path, a 15-byte authority, no headers) through the built-ins and through
+//! the `probe` fixture answering round robin (the contract's own cost),
+//! `observe`, and consistent-hash's table build in `configure` for 1000
 //! backends. Run with `cargo bench --bench select`; the README has the table.
 
 use std::hint::black_box;
@@ -7,8 +11,8 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use rust_load_balancer::balancer::{
-    BackendView, LeastConnections, RequestView, RoundRobin, Strategy, StrategySetup, WasmStrategy,
-    WeightedRoundRobin,
+    BackendInfo, BackendView, LeastConnections, Outcome, RequestView, RoundRobin, Strategy,
+    StrategySetup, WasmStrategy, WeightedRoundRobin,
 };
 use rust_load_balancer::config::SandboxLimits;
 
@@ -52,12 +56,103 @@ fn bench_select(c: &mut Criterion) {
     }
 }
 
+/// `n` configured backends as `configure` describes them.
+fn infos(n: u32) -> Vec<BackendInfo> {
+    (0..n)
+        .map(|id| BackendInfo {
+            id,
+            address: format!("10.1.{}.{}:8080", id / 250, id % 250 + 1),
+            weight: 1 + id % 5,
+            labels: vec![("zone".into(), "b".into())],
+        })
+        .collect()
+}
+
+/// A 0.2.0 module configured with `n` backends and `options`.
+fn v0_2(module: &str, n: u32, options: &str) -> WasmStrategy {
+    let setup = StrategySetup {
+        options: options.into(),
+        backends: infos(n),
+        ..StrategySetup::new(SandboxLimits::default())
+    };
+    if module.ends_with(".wasm") {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("plugins/dist")
+            .join(module);
+        WasmStrategy::from_file(&path, &setup).expect("module loads")
+    } else {
+        WasmStrategy::builtin(module, &setup).expect("built-in loads")
+    }
+}
+
+fn bench_v0_2(c: &mut Criterion) {
+    // A typical request: 20-byte path, 15-byte authority, no headers.
+    let request = RequestView {
+        path: "/api/v1/cart?item=42",
+        authority: "shop.example.io",
+        hash_key: Some(0x1234_5678_9abc_def0),
+        ..RequestView::plain(1, 0x9e37_79b9_7f4a_7c15)
+    };
+    assert_eq!((request.path.len(), request.authority.len()), (20, 15));
+    let cases = [
+        (
+            "probe.wasm",
+            r#"{"pick": "round-robin", "log_configure": false}"#,
+        ),
+        ("consistent-hash", "{}"),
+        ("peak-ewma", "{}"),
+    ];
+    let mut group = c.benchmark_group("select-0.2.0");
+    for (module, options) in cases {
+        for n in [16, 1024] {
+            let strategy = v0_2(module, n, options);
+            let list = backends(n);
+            group.bench_with_input(BenchmarkId::new(module, n), &list, |b, list| {
+                b.iter(|| {
+                    strategy
+                        .select(black_box(&request), black_box(list))
+                        .unwrap()
+                })
+            });
+        }
+    }
+    group.finish();
+
+    let mut group = c.benchmark_group("observe-0.2.0");
+    for (module, options) in [cases[0], cases[2]] {
+        let strategy = v0_2(module, 16, options);
+        let outcome = Outcome {
+            backend_id: 3,
+            status: Some(200),
+            failure: None,
+            latency_micros: 850,
+            attempt: 0,
+            request_id: 1,
+        };
+        group.bench_function(module, |b| {
+            b.iter(|| strategy.observe(black_box(&outcome)).unwrap())
+        });
+    }
+    group.finish();
+
+    // The Maglev table, built in `configure` (never per request): 1000
+    // backends, the default table size 65537, lowering of the list included.
+    let mut group = c.benchmark_group("configure-0.2.0");
+    let strategy = v0_2("consistent-hash", 1000, "{}");
+    let list = infos(1000);
+    group.sample_size(20);
+    group.bench_function("consistent-hash/1000", |b| {
+        b.iter(|| strategy.configure(black_box(&list)).unwrap())
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     // Short runs: 4 x 3 x 2 cases must stay a few minutes on 2 cores.
     config = Criterion::default()
         .warm_up_time(std::time::Duration::from_millis(500))
         .measurement_time(std::time::Duration::from_secs(2));
-    targets = bench_select
+    targets = bench_select, bench_v0_2
 }
 criterion_main!(benches);

@@ -43,13 +43,24 @@ TARGETS = [
     "lb-rr",
     "lb-lc",
     "lb-wrr",
+    "lb-ch",
+    "lb-pe",
     "lb-native-rr",
 ]
 LB_STRATEGIES = {
     "lb-rr": "round-robin",
     "lb-lc": "least-connections",
     "lb-wrr": "weighted-round-robin",
+    "lb-ch": "consistent-hash",
+    "lb-pe": "peak-ewma",
     "lb-native-rr": "native:round-robin",
+}
+# Extra config keys per strategy. Consistent hashing on the client's address:
+# every request carries a key (all of wrk's come from 127.0.0.1, so they
+# share one backend, which costs the backends the same: they are one NGINX
+# worker), so the cost measured includes hashing the key per request.
+LB_EXTRA = {
+    "consistent-hash": {"hash_key": "client_ip"},
 }
 # Targets that may be missing from the build under test: skipped with a note.
 OPTIONAL = {"lb-native-rr"}
@@ -323,6 +334,7 @@ def lb_config(port, backends, strategy, worker_threads):
         "backend_servers": servers,
         "strategy": strategy,
         "health_check_interval": 30,
+        **LB_EXTRA.get(strategy, {}),
     }
     if worker_threads:
         cfg["worker_threads"] = LB_THREADS

@@ -9,6 +9,7 @@
 #   haproxy-rr    HAProxy roundrobin       haproxy-lc   HAProxy leastconn
 #   lb-rr         this balancer, round-robin (wasm module)
 #   lb-lc         least-connections        lb-wrr       weighted-round-robin 3,2,1
+#   lb-ch         consistent-hash on the client address   lb-pe   peak-ewma (0.2.0 modules)
 #   lb-native-rr  native:round-robin (skipped, with a note, if this build rejects it)
 #
 # How: the release build (cargo build --release --locked); three backends are
