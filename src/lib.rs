@@ -30,6 +30,7 @@ pub mod generation;
 pub mod health;
 pub mod metrics;
 pub mod proxy;
+pub mod random;
 pub mod server;
 pub mod throttle;
 

@@ -432,17 +432,7 @@ mod tests {
         }
     }
 
-    const REQUEST: RequestView<'static> = RequestView {
-        method: &http::Method::GET,
-        path: "/",
-        authority: "",
-        client: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
-        hash_key: None,
-        headers: &[],
-        attempt: 0,
-        random: 0,
-        id: 1,
-    };
+    const REQUEST: RequestView<'static> = RequestView::plain(1, 0);
 
     fn views(n: u32) -> Vec<BackendView> {
         (0..n)

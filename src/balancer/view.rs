@@ -66,7 +66,7 @@ pub struct RequestView<'a> {
 impl RequestView<'static> {
     /// A `GET /` from 127.0.0.1 with no key and no headers: what the
     /// `strategy test` bench and unit tests start from.
-    pub fn plain(id: u64, random: u64) -> RequestView<'static> {
+    pub const fn plain(id: u64, random: u64) -> RequestView<'static> {
         RequestView {
             method: &Method::GET,
             path: "/",

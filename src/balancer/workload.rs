@@ -72,7 +72,7 @@ pub fn run(strategy: &dyn Strategy, workload: &Workload) -> Report {
         ..Report::default()
     };
     let mut times = Vec::with_capacity(workload.requests);
-    let mut random = SplitMix64(0x5eed);
+    let mut random = crate::random::SplitMix64::new(0x5eed);
     for _ in 0..workload.requests {
         if report.total_faults() >= MAX_FAULTS {
             break;
@@ -83,7 +83,7 @@ pub fn run(strategy: &dyn Strategy, workload: &Workload) -> Report {
                 backends[done].in_flight -= 1;
             }
         }
-        let request = RequestView::plain(report.calls as u64, random.next());
+        let request = RequestView::plain(report.calls as u64, random.next_u64());
         let started = Instant::now();
         let answer = strategy.select(&request, &backends);
         times.push(started.elapsed());
@@ -110,20 +110,6 @@ pub fn run(strategy: &dyn Strategy, workload: &Workload) -> Report {
         report.p99 = times[(times.len() * 99 / 100).min(times.len() - 1)];
     }
     report
-}
-
-/// SplitMix64 (Steele, Lea, Flood): a seeded generator, so a run's
-/// `random` values are the same every time.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
 }
 
 fn count_fault(report: &mut Report, fault: &super::StrategyError) {

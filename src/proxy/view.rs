@@ -16,6 +16,7 @@ use super::headers::RequestHead;
 use crate::balancer::RequestView;
 use crate::config::HashKey;
 use crate::generation::State;
+use crate::random::SplitMix64;
 
 /// What is worked out once per request for the strategy.
 pub(super) struct RequestFacts<'a> {
@@ -130,28 +131,20 @@ fn key_value<T>(
 }
 
 thread_local! {
-    /// SplitMix64 state of this thread, seeded from the process's random
-    /// hasher keys so that two balancers draw different sequences.
-    static RANDOM: Cell<u64> = Cell::new({
-        use std::hash::{BuildHasher, Hasher};
-        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-        hasher.write_u64(0x5eed);
-        hasher.finish()
-    });
+    /// This thread's generator, seeded so that threads and processes draw
+    /// different sequences.
+    static RANDOM: Cell<SplitMix64> = Cell::new(SplitMix64::from_entropy());
     /// This thread's next request id and the end of its block.
     static IDS: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
 }
 
-/// A fresh random number (SplitMix64, Steele, Lea and Flood): fast, and
-/// good enough for spreading requests; not for secrets.
+/// A fresh random number for a strategy call.
 fn next_random() -> u64 {
-    RANDOM.with(|state| {
-        let next = state.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
-        state.set(next);
-        let mut z = next;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+    RANDOM.with(|cell| {
+        let mut generator = cell.get();
+        let value = generator.next_u64();
+        cell.set(generator);
+        value
     })
 }
 

@@ -474,23 +474,7 @@ impl Binary {
     /// Starts `rust_load_balancer --config <config> <args>`, then waits until
     /// `port` accepts connections.
     pub async fn start(config: &std::path::Path, args: &[&str], port: u16) -> Binary {
-        let dir = tempfile::tempdir().unwrap();
-        let log_path = dir.path().join("stderr.log");
-        let log = std::fs::File::create(&log_path).unwrap();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_rust_load_balancer"))
-            .arg("--config")
-            .arg(config)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("the binary starts");
-        let binary = Binary {
-            child,
-            log_path,
-            _dir: dir,
-        };
+        let binary = Binary::launch(config, args);
         let started = std::time::Instant::now();
         while tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
@@ -511,23 +495,7 @@ impl Binary {
     /// `admin_address`) may use port 0: the addresses are read from the
     /// balancer's own log lines, so no port is guessed.
     pub async fn spawn(config: &std::path::Path, args: &[&str]) -> Binary {
-        let dir = tempfile::tempdir().unwrap();
-        let log_path = dir.path().join("stderr.log");
-        let log = std::fs::File::create(&log_path).unwrap();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_rust_load_balancer"))
-            .arg("--config")
-            .arg(config)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("the binary starts");
-        let mut binary = Binary {
-            child,
-            log_path,
-            _dir: dir,
-        };
+        let mut binary = Binary::launch(config, args);
         let started = std::time::Instant::now();
         while binary.addr().is_none() {
             if let Some(status) = binary.child.try_wait().unwrap() {
@@ -544,6 +512,28 @@ impl Binary {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         binary
+    }
+
+    /// Runs `rust_load_balancer --config <config> <args>` with its stderr
+    /// going to a log file.
+    fn launch(config: &std::path::Path, args: &[&str]) -> Binary {
+        let dir = tempfile::tempdir().unwrap();
+        let log_path = dir.path().join("stderr.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_rust_load_balancer"))
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("the binary starts");
+        Binary {
+            child,
+            log_path,
+            _dir: dir,
+        }
     }
 
     /// Where it listens, from its start-up line (`listening on ADDR: ...`).

@@ -1,31 +1,6 @@
 use super::*;
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::time::Instant;
-
-/// Counts this thread's allocations, to show `select` makes none.
-struct Counting;
-
-thread_local! {
-    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
-}
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.with(|n| n.set(n.get() + 1));
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Counting = Counting;
-
-fn allocations() -> u64 {
-    ALLOCATIONS.with(Cell::get)
-}
+use test_alloc::allocations;
 
 #[derive(Debug, Clone, Copy)]
 struct B {
@@ -478,6 +453,13 @@ fn select_does_not_allocate() {
     let mut backends = eligible(&specs);
     let mut maglev = configured(r#"{"balance_factor": 1.1}"#, &specs);
     maglev.select(0, &backends);
+    // The counter counts (so the comparison below can fail).
+    let probe = allocations();
+    drop(std::hint::black_box(vec![0u8; 16]));
+    assert!(
+        allocations() > probe,
+        "the counting allocator is not installed"
+    );
     let before = allocations();
     for i in 0..10_000 {
         let p = maglev.select(key(i), &backends[i as usize % 4..]).unwrap();

@@ -1,26 +1,5 @@
 use super::*;
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
-
-/// Counts this thread's allocations, to show `select` and `observe` make none.
-struct Counting;
-
-thread_local! {
-    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
-}
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.with(|n| n.set(n.get() + 1));
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Counting = Counting;
+use test_alloc::allocations;
 
 #[derive(Debug, Clone, Copy, Default)]
 struct B {
@@ -257,7 +236,14 @@ fn select_and_observe_do_not_allocate_after_warm_up() {
     let backends = pool(16);
     let mut p = configured("{}", &backends);
     let mut random = Random(13);
-    let before = ALLOCATIONS.with(Cell::get);
+    // The counter counts (so the comparison below can fail).
+    let probe = allocations();
+    drop(std::hint::black_box(vec![0u8; 16]));
+    assert!(
+        allocations() > probe,
+        "the counting allocator is not installed"
+    );
+    let before = allocations();
     for i in 0..10_000u32 {
         let position = p
             .select(random.next(), &backends[i as usize % 3..])
@@ -265,7 +251,7 @@ fn select_and_observe_do_not_allocate_after_warm_up() {
         let id = backends[position as usize + i as usize % 3].id;
         p.observe(id, 1_000 + id * 100, i % 7 == 0);
     }
-    assert_eq!(ALLOCATIONS.with(Cell::get), before);
+    assert_eq!(allocations(), before);
 }
 
 #[test]

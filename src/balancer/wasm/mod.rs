@@ -415,6 +415,18 @@ impl WasmStrategy {
     }
 }
 
+/// Refills `args` with `backends` as the contract's record (the same
+/// layout in both versions; see `strategy_abi`).
+fn lower_backends(args: &mut Vec<strategy_abi::Backend>, backends: &[BackendView]) {
+    args.clear();
+    args.extend(backends.iter().map(|b| strategy_abi::Backend {
+        id: b.id,
+        weight: b.weight,
+        in_flight: b.in_flight,
+        latency_micros: b.latency_micros,
+    }));
+}
+
 /// A duration in sandbox clock ticks, at least one.
 fn deadline_ticks(timeout: Duration) -> u64 {
     (timeout.as_nanos() / EPOCH_TICK.as_nanos()).max(1) as u64

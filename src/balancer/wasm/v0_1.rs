@@ -8,7 +8,7 @@ use wasmtime::Store;
 // one pass (see that crate), the answer lifted by wasmtime.
 use strategy_abi::{Backend as WitBackend, Select};
 
-use super::{classify, Guest};
+use super::{classify, lower_backends, Guest};
 use crate::balancer::{BackendView, StrategyError};
 
 /// The export a 0.1.0 module has.
@@ -53,13 +53,7 @@ impl Calls {
         store: &mut Store<Guest>,
         backends: &[BackendView],
     ) -> Result<Option<u32>, StrategyError> {
-        self.args.clear();
-        self.args.extend(backends.iter().map(|b| WitBackend {
-            id: b.id,
-            weight: b.weight,
-            in_flight: b.in_flight,
-            latency_micros: b.latency_micros,
-        }));
+        lower_backends(&mut self.args, backends);
         self.select
             .call(&mut *store, &self.args)
             .map_err(|e| classify(e, store))

@@ -15,7 +15,7 @@ use wasmtime::Store;
 
 use strategy_abi::{Backend as WitBackend, SelectWithRequest};
 
-use super::{classify, Guest};
+use super::{classify, lower_backends, Guest};
 use crate::balancer::log::LogLevel;
 use crate::balancer::{BackendInfo, BackendView, Failure, Outcome, RequestView, StrategyError};
 
@@ -174,13 +174,7 @@ impl Calls {
         backends: &[BackendView],
     ) -> Result<Option<u32>, StrategyError> {
         fill(&mut self.request, request);
-        self.args.clear();
-        self.args.extend(backends.iter().map(|b| WitBackend {
-            id: b.id,
-            weight: b.weight,
-            in_flight: b.in_flight,
-            latency_micros: b.latency_micros,
-        }));
+        lower_backends(&mut self.args, backends);
         self.select
             .call(&mut *store, &self.request, &self.args)
             .map_err(|e| classify(e, store))
