@@ -471,3 +471,80 @@ fn consistent_hash_keys_stay_put_and_balancers_agree() {
     }
     assert_eq!(seen.len(), list.len());
 }
+
+/// Keeps the lines a module logs.
+#[derive(Default)]
+struct Lines(std::sync::Mutex<Vec<String>>);
+
+impl rust_load_balancer::balancer::LogSink for Lines {
+    fn line(&self, _: &str, _: rust_load_balancer::balancer::LogLevel, message: &str) {
+        self.0.lock().unwrap().push(message.to_string());
+    }
+}
+
+#[test]
+fn the_request_record_reaches_a_module_field_for_field() {
+    let lines = Arc::new(Lines::default());
+    let setup = StrategySetup {
+        log: lines.clone(),
+        ..setup_v0_2(r#"{"log_select": true, "log_configure": false}"#, infos(3))
+    };
+    let probe = WasmStrategy::from_file(&support::dist("probe.wasm"), &setup).unwrap();
+    let list = views(&[1, 1, 1]);
+    let purge = http::Method::from_bytes(b"PURGE").unwrap();
+    let headers = [
+        ("x-user", "ann"),
+        ("cookie", ""),
+        ("x-long", "é€ 𝄞 unicode"),
+    ];
+    let v6: std::net::IpAddr = "2001:db8::ff00:42:8329".parse().unwrap();
+    let requests = [
+        RequestView {
+            method: &purge,
+            path: "/a/b?c=d&e",
+            authority: "shop.example:8443",
+            client: v6,
+            hash_key: Some(u64::MAX),
+            headers: &headers,
+            attempt: 2,
+            random: 0x0123_4567_89ab_cdef,
+            id: u64::MAX - 1,
+        },
+        RequestView {
+            method: &http::Method::DELETE,
+            path: "",
+            authority: "",
+            hash_key: Some(0),
+            ..RequestView::plain(7, 0)
+        },
+        RequestView::plain(8, u64::MAX),
+    ];
+    for request in &requests {
+        pick_with(&probe, request, &list);
+    }
+    let logged: Vec<serde_json::Value> = lines
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(logged.len(), requests.len());
+    for (request, seen) in requests.iter().zip(&logged) {
+        assert_eq!(seen["method"], request.method.as_str());
+        assert_eq!(seen["path"], request.path);
+        assert_eq!(seen["authority"], request.authority);
+        assert_eq!(seen["client"], request.client.to_string());
+        assert_eq!(seen["hash_key"], serde_json::json!(request.hash_key));
+        let headers: Vec<(&str, &str)> = seen["headers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| (h[0].as_str().unwrap(), h[1].as_str().unwrap()))
+            .collect();
+        assert_eq!(headers, request.headers);
+        assert_eq!(seen["attempt"], request.attempt);
+        assert_eq!(seen["random"], request.random);
+        assert_eq!(seen["id"], request.id);
+    }
+}

@@ -34,7 +34,8 @@
 //! conformance tests run every shipped module through this path.
 //!
 //! [`Select`] (0.1.0) and [`SelectWithRequest`] (0.2.0, whose `select` also
-//! takes the request record, lowered by wasmtime) keep the looked-up function
+//! takes the [`Request`] record, lowered in one pass too: see its module)
+//! keep the looked-up function
 //! and re-type it per call with
 //! `TypedFunc::new_unchecked` after checking the type once, as wasmtime's
 //! generated bindings do: the argument's lifetime differs per call, which a
@@ -46,7 +47,11 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
+mod request;
+
 use std::mem::MaybeUninit;
+
+pub use request::{IpAddress, Method, Request};
 
 use wasmtime::component::__internal::{
     typecheck_record, CanonicalAbiInfo, InstanceType, InterfaceType, LowerContext,
@@ -189,46 +194,32 @@ impl Select {
 }
 
 /// The signature of 0.2.0's `select` as the host calls it.
-type SelectWithRequestFunc<'a, R> = TypedFunc<(&'a R, &'a [Backend]), (Option<u32>,)>;
+type SelectWithRequestFunc<'a> = TypedFunc<(&'a Request<'a>, &'a [Backend]), (Option<u32>,)>;
 
-/// The 0.2.0 `select` function of one instance: `func(request: R, backends:
-/// list<backend>) -> option<u32>`, type-checked once. The request record
-/// `R` is lowered by wasmtime (its own derived `Lower`), the list by this
-/// crate.
-pub struct SelectWithRequest<R>(Func, std::marker::PhantomData<fn(&R)>);
+/// The 0.2.0 `select` function of one instance: `func(request: request,
+/// backends: list<backend>) -> option<u32>`, type-checked once against
+/// this crate's [`Request`] and [`Backend`].
+#[derive(Debug, Clone, Copy)]
+pub struct SelectWithRequest(Func);
 
-impl<R> Clone for SelectWithRequest<R> {
-    fn clone(&self) -> Self {
-        *self
-    }
-}
-
-impl<R> Copy for SelectWithRequest<R> {}
-
-impl<R> std::fmt::Debug for SelectWithRequest<R> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("SelectWithRequest").field(&self.0).finish()
-    }
-}
-
-impl<R: ComponentType + Lower> SelectWithRequest<R> {
-    /// Checks `func`'s type against `(R, list<backend>) -> option<u32>`.
-    pub fn new(store: impl AsContext, func: Func) -> Result<SelectWithRequest<R>> {
-        func.typed::<(&R, &[Backend]), (Option<u32>,)>(&store)?;
-        Ok(SelectWithRequest(func, std::marker::PhantomData))
+impl SelectWithRequest {
+    /// Checks `func`'s type against `(request, list<backend>) -> option<u32>`.
+    pub fn new(store: impl AsContext, func: Func) -> Result<SelectWithRequest> {
+        func.typed::<(&Request<'_>, &[Backend]), (Option<u32>,)>(&store)?;
+        Ok(SelectWithRequest(func))
     }
 
     /// Calls `select` with `request` and `backends`.
     pub fn call(
         &self,
         store: impl AsContextMut,
-        request: &R,
+        request: &Request<'_>,
         backends: &[Backend],
     ) -> Result<Option<u32>> {
         // SAFETY: `new` checked this same signature against the function's
         // type; the arguments' lifetimes, the only difference, are not part
         // of a component type.
-        let typed: SelectWithRequestFunc<'_, R> = unsafe { TypedFunc::new_unchecked(self.0) };
+        let typed: SelectWithRequestFunc<'_> = unsafe { TypedFunc::new_unchecked(self.0) };
         typed
             .call(store, (request, backends))
             .map(|(answer,)| answer)

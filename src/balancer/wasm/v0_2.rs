@@ -3,17 +3,16 @@
 //! export with `observe(outcome)`, and the `logging` import.
 //!
 //! Per call the host lowers the request record (two short strings, a few
-//! numbers, the named headers) and the backend list; the request record is
-//! kept in the instance and refilled, so a call allocates nothing once its
-//! strings have grown to size (except for headers named in
-//! `strategy_headers`).
+//! numbers, the named headers) and the backend list, both in one pass
+//! (`strategy_abi`), borrowing from the request: a call allocates nothing
+//! on the host.
 
 use std::net::IpAddr;
 
 use wasmtime::component::{HasSelf, Instance, Linker, TypedFunc};
 use wasmtime::Store;
 
-use strategy_abi::{Backend as WitBackend, SelectWithRequest};
+use strategy_abi::{Backend as WitBackend, IpAddress, Method, Request, SelectWithRequest};
 
 use super::{classify, lower_backends, Guest};
 use crate::balancer::log::LogLevel;
@@ -64,9 +63,8 @@ type ObserveFunc = TypedFunc<(types::Outcome,), ()>;
 /// argument buffer reused from call to call.
 pub(super) struct Calls {
     configure: ConfigureFunc,
-    select: SelectWithRequest<types::Request>,
+    select: SelectWithRequest,
     observe: Option<ObserveFunc>,
-    request: types::Request,
     args: Vec<WitBackend>,
 }
 
@@ -128,17 +126,6 @@ impl Calls {
             configure,
             select,
             observe,
-            request: types::Request {
-                method: types::Method::Get,
-                path: String::new(),
-                authority: String::new(),
-                client: types::IpAddress::Ipv4((127, 0, 0, 1)),
-                hash_key: None,
-                headers: Vec::new(),
-                attempt: 0,
-                random: 0,
-                id: 0,
-            },
             args: Vec::new(),
         })
     }
@@ -173,10 +160,9 @@ impl Calls {
         request: &RequestView<'_>,
         backends: &[BackendView],
     ) -> Result<Option<u32>, StrategyError> {
-        fill(&mut self.request, request);
         lower_backends(&mut self.args, backends);
         self.select
-            .call(&mut *store, &self.request, &self.args)
+            .call(&mut *store, &record(request), &self.args)
             .map_err(|e| classify(e, store))
     }
 
@@ -206,44 +192,32 @@ impl Calls {
     }
 }
 
-/// Refills the reused request record from `view`, keeping the strings'
-/// allocations.
-fn fill(request: &mut types::Request, view: &RequestView<'_>) {
-    use http::Method;
-    request.method = match *view.method {
-        Method::GET => types::Method::Get,
-        Method::HEAD => types::Method::Head,
-        Method::POST => types::Method::Post,
-        Method::PUT => types::Method::Put,
-        Method::DELETE => types::Method::Delete,
-        Method::CONNECT => types::Method::Connect,
-        Method::OPTIONS => types::Method::Options,
-        Method::TRACE => types::Method::Trace,
-        Method::PATCH => types::Method::Patch,
-        ref other => types::Method::Other(other.as_str().to_string()),
-    };
-    request.path.clear();
-    request.path.push_str(view.path);
-    request.authority.clear();
-    request.authority.push_str(view.authority);
-    request.client = match view.client {
-        IpAddr::V4(ip) => {
-            let [a, b, c, d] = ip.octets();
-            types::IpAddress::Ipv4((a, b, c, d))
-        }
-        IpAddr::V6(ip) => {
-            let [a, b, c, d, e, f, g, h] = ip.segments();
-            types::IpAddress::Ipv6((a, b, c, d, e, f, g, h))
-        }
-    };
-    request.hash_key = view.hash_key;
-    request.headers.clear();
-    request.headers.extend(
-        view.headers
-            .iter()
-            .map(|(name, value)| (name.to_string(), value.to_string())),
-    );
-    request.attempt = view.attempt;
-    request.random = view.random;
-    request.id = view.id;
+/// The request record as `strategy_abi` lowers it, borrowing from `view`.
+fn record<'a>(view: &RequestView<'a>) -> Request<'a> {
+    use http::Method as M;
+    Request {
+        method: match *view.method {
+            M::GET => Method::Get,
+            M::HEAD => Method::Head,
+            M::POST => Method::Post,
+            M::PUT => Method::Put,
+            M::DELETE => Method::Delete,
+            M::CONNECT => Method::Connect,
+            M::OPTIONS => Method::Options,
+            M::TRACE => Method::Trace,
+            M::PATCH => Method::Patch,
+            ref other => Method::Other(other.as_str()),
+        },
+        path: view.path,
+        authority: view.authority,
+        client: match view.client {
+            IpAddr::V4(ip) => IpAddress::V4(ip.octets()),
+            IpAddr::V6(ip) => IpAddress::V6(ip.segments()),
+        },
+        hash_key: view.hash_key,
+        headers: view.headers,
+        attempt: view.attempt,
+        random: view.random,
+        id: view.id,
+    }
 }
