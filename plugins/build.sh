@@ -21,7 +21,7 @@ TARGET="wasm32-unknown-unknown"
 # where <name>, the folder's last part, is also the package name.
 # 0.1.0 modules first, then 0.2.0 ones.
 MODULES=(round-robin least-connections weighted-round-robin fixtures/pick-last
-    consistent-hash peak-ewma fixtures/probe)
+    consistent-hash peak-ewma fixtures/probe fixtures/wrong-select)
 # The hostile fixture, built once per behaviour: dist/misbehave-<feature>.wasm.
 MISBEHAVIOURS=(loop trap bad-index memory flaky)
 # Built for wasm32-wasip2 on purpose, so that it imports WASI: the test that

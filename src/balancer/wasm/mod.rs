@@ -12,6 +12,7 @@
 //! fresh one from the pre-linked component (tens of microseconds), which a
 //! 0.2.0 module then gets `configure`d again.
 
+mod exports;
 mod v0_1;
 mod v0_2;
 
@@ -228,37 +229,12 @@ impl WasmStrategy {
         setup: &StrategySetup,
     ) -> Result<WasmStrategy, LoadError> {
         let engine = engine();
-        let exports: Vec<String> = component
-            .component_type()
-            .exports(engine)
-            .map(|(name, _)| name.to_string())
-            .collect();
-        let contract = if exports.iter().any(|e| e == v0_2::SELECTOR_EXPORT) {
-            Contract::V0_2
-        } else if exports.iter().any(|e| e == v0_1::SELECTOR_EXPORT) {
-            Contract::V0_1
-        } else {
-            return Err(LoadError::MissingExport {
+        let (contract, observes) = exports::contract_of(component, engine).map_err(|message| {
+            LoadError::MissingExport {
                 path: path.to_path_buf(),
-                message: format!(
-                    "exports no strategy selector: it exports {}, but a strategy exports one of {}",
-                    if exports.is_empty() {
-                        "nothing".to_string()
-                    } else {
-                        exports
-                            .iter()
-                            .map(|e| format!("`{e}`"))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    },
-                    KNOWN_SELECTOR_EXPORTS
-                        .iter()
-                        .map(|e| format!("`{e}`"))
-                        .collect::<Vec<_>>()
-                        .join(" or ")
-                ),
-            });
-        };
+                message,
+            }
+        })?;
         let invalid = |e: wasmtime::Error| LoadError::Invalid {
             path: path.to_path_buf(),
             message: format!("{e:#}"),
@@ -271,28 +247,19 @@ impl WasmStrategy {
             }
             _ => &[],
         };
-        let ungranted: Vec<String> = component
-            .component_type()
-            .imports(engine)
-            .map(|(name, _)| name.to_string())
-            .filter(|name| !granted.contains(&name.as_str()))
-            .collect();
+        // Modules get no capabilities beyond the contract's. A toolchain
+        // that imports WASI anyway still loads, but a call to such an import
+        // fails, naming it.
+        let ungranted =
+            exports::stub_ungranted(&mut linker, component, engine, granted).map_err(invalid)?;
         if !ungranted.is_empty() {
-            // Modules get no capabilities beyond the contract's. A toolchain
-            // that imports WASI anyway still loads, but any call to an
-            // import traps.
             tracing::warn!(
                 module = %name,
                 imports = %ungranted.join(", "),
                 "strategy module imports host functions; none are granted, calls to them will trap"
             );
-            linker
-                .define_unknown_imports_as_traps(component)
-                .map_err(invalid)?;
         }
         let pre = linker.instantiate_pre(component).map_err(invalid)?;
-        let observes =
-            contract == Contract::V0_2 && exports.iter().any(|e| e == v0_2::OBSERVER_EXPORT);
         let strategy = WasmStrategy {
             log: Arc::new(ModuleLog::new(name.clone(), Arc::clone(&setup.log))),
             name,
@@ -437,6 +404,9 @@ fn deadline_ticks(timeout: Duration) -> u64 {
 pub(super) fn classify(error: wasmtime::Error, store: &Store<Guest>) -> StrategyError {
     if store.data().limiter.exceeded {
         return StrategyError::Memory;
+    }
+    if let Some(import) = error.downcast_ref::<exports::UngrantedImport>() {
+        return StrategyError::Trap(import.to_string());
     }
     match error.downcast_ref::<Trap>() {
         Some(Trap::OutOfFuel) => StrategyError::OutOfFuel,
