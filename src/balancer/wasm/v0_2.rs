@@ -56,13 +56,24 @@ impl logging::Host for Guest {
     }
 }
 
-type ConfigureFunc = TypedFunc<(String, Vec<types::BackendInfo>), (Result<(), String>,)>;
+/// `backend-info` as `configure` lowers it, borrowing from the host's list
+/// (no copy of the addresses and labels per configure).
+#[derive(wasmtime::component::ComponentType, wasmtime::component::Lower)]
+#[component(record)]
+struct BackendInfoRef<'a> {
+    id: u32,
+    address: &'a str,
+    weight: u32,
+    labels: &'a [(String, String)],
+}
+
+type ConfigureFunc<'a> = TypedFunc<(&'a str, &'a [BackendInfoRef<'a>]), (Result<(), String>,)>;
 type ObserveFunc = TypedFunc<(types::Outcome,), ()>;
 
 /// The functions of one 0.2.0 instance, and the request record and
 /// argument buffer reused from call to call.
 pub(super) struct Calls {
-    configure: ConfigureFunc,
+    configure: wasmtime::component::Func,
     select: SelectWithRequest,
     observe: Option<ObserveFunc>,
     args: Vec<WitBackend>,
@@ -92,8 +103,9 @@ impl Calls {
                 "`{name}` in `{interface}` does not have the contract's type `{signature}`: {e:#}"
             ))
         };
-        let configure = func(store, SELECTOR_EXPORT, "configure")?
-            .typed(&*store)
+        let configure = func(store, SELECTOR_EXPORT, "configure")?;
+        configure
+            .typed::<(&str, &[BackendInfoRef<'_>]), (Result<(), String>,)>(&*store)
             .map_err(|e| {
                 mistyped(
                     "configure",
@@ -138,18 +150,23 @@ impl Calls {
         options: &str,
         backends: &[BackendInfo],
     ) -> Result<(), StrategyError> {
-        let infos = backends
+        let infos: Vec<BackendInfoRef<'_>> = backends
             .iter()
-            .map(|b| types::BackendInfo {
+            .map(|b| BackendInfoRef {
                 id: b.id,
-                address: b.address.clone(),
+                address: &b.address,
                 weight: b.weight,
-                labels: b.labels.clone(),
+                labels: &b.labels,
             })
             .collect();
-        let (answer,) = self
+        // Checked in `new` with the same types; typed again per call for
+        // the arguments' lifetimes (a cheap check of a cached type).
+        let configure: ConfigureFunc<'_> = self
             .configure
-            .call(&mut *store, (options.to_string(), infos))
+            .typed(&*store)
+            .map_err(|e| StrategyError::Instantiate(format!("`configure` changed type: {e:#}")))?;
+        let (answer,) = configure
+            .call(&mut *store, (options, &infos))
             .map_err(|e| classify(e, store))?;
         answer.map_err(StrategyError::Configure)
     }
