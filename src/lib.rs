@@ -31,6 +31,7 @@ pub mod health;
 pub mod metrics;
 pub mod proxy;
 pub mod random;
+pub mod scaffold;
 pub mod server;
 pub mod throttle;
 

@@ -7,10 +7,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use std::sync::Arc;
 
-use rust_load_balancer::balancer::{self, workload, BackendInfo, FaultKind, StrategySetup};
+use rust_load_balancer::balancer::{self, workload, StrategySetup};
 use rust_load_balancer::config::{self as lbconfig, SandboxLimits, StrategySource};
 use rust_load_balancer::generation::State;
 use rust_load_balancer::metrics::Metrics;
+use rust_load_balancer::scaffold;
 use rust_load_balancer::server::Registry;
 use rust_load_balancer::{Config, Proxy};
 use tracing_subscriber::EnvFilter;
@@ -49,25 +50,72 @@ enum Command {
 }
 
 #[derive(Debug, Subcommand)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once from the command line; boxing would buy nothing"
+)]
 enum StrategyCommand {
     /// List the built-in strategies.
     List,
+    /// Write a new strategy project into DIR: the 0.2.0 contract, a
+    /// commented starter strategy, a build.sh that builds and checks
+    /// DIR/<name>.wasm, and a README with the next commands. It builds
+    /// anywhere, outside any repository. DIR must be empty or absent.
+    New {
+        /// The folder to create (its last part names the module).
+        dir: PathBuf,
+        /// The starter's language.
+        #[arg(long, value_enum, default_value_t = Lang::Rust)]
+        lang: Lang,
+    },
     /// Load a module (a .wasm path or a built-in name) in the proxy's
     /// sandbox, call it over a simulated workload, and print how it spread
-    /// the requests, any faults, and its call times. Exits 1 if it does not
-    /// load or faults.
+    /// the requests, any faults, what it logged and its call times. Exits 1
+    /// if it does not load or faults.
+    #[command(long_about = TEST_ABOUT)]
     Test {
         /// A .wasm component, or a built-in name.
         module: String,
-        /// Number of backends (default 4, or the number of --weights).
+        /// Number of backends (default: the length of the lists given, or 4).
         #[arg(long)]
         backends: Option<usize>,
-        /// Number of sequential select calls.
+        /// Number of requests.
         #[arg(long, default_value_t = 1000)]
         requests: usize,
         /// Comma-separated backend weights, e.g. 5,1,1 (default all 1).
         #[arg(long, value_delimiter = ',')]
         weights: Option<Vec<u32>>,
+        /// Requests carry N distinct hash keys, round the cycle (request i:
+        /// XXH3-64 of "key-(i mod N)"); 0: no key.
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        keys: u64,
+        /// strategy_options passed to a 0.2.0 module's configure, as JSON.
+        #[arg(long, default_value = "{}", value_name = "JSON")]
+        options: String,
+        /// Backend labels, e.g. 0:zone=a,1:zone=b,1:version=2.
+        #[arg(long, value_delimiter = ',', value_name = "ID:K=V,...")]
+        labels: Vec<String>,
+        /// Per backend: the status its attempts end with (an observer is
+        /// told it), or `fail` for a refused connection (retried elsewhere),
+        /// e.g. 200,500,fail (default all 200).
+        #[arg(long, value_delimiter = ',', value_name = "LIST")]
+        status: Option<Vec<String>>,
+        /// Per backend: the latency-micros it shows and its attempts take
+        /// (default 1000,1250,1500,...).
+        #[arg(long, value_delimiter = ',', value_name = "LIST")]
+        latencies: Option<Vec<u32>>,
+        /// Per backend: a fixed in-flight count it shows (default: simulated).
+        #[arg(long = "in-flight", value_delimiter = ',', value_name = "LIST")]
+        in_flight: Option<Vec<u32>>,
+        /// Print the first N calls: the request, the list, the pick.
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        trace: usize,
+        /// Seed of the `random` values (the same seed, the same run).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Print one JSON object instead of the text report.
+        #[arg(long)]
+        json: bool,
         /// Fuel per call.
         #[arg(long, default_value_t = lbconfig::DEFAULT_STRATEGY_FUEL)]
         fuel: u64,
@@ -78,6 +126,36 @@ enum StrategyCommand {
         #[arg(long, default_value_t = lbconfig::DEFAULT_STRATEGY_MEMORY_MIB)]
         memory_mib: u64,
     },
+}
+
+/// `strategy test --help`: the simulated model.
+const TEST_ABOUT: &str = "\
+Load a module (a .wasm path or a built-in name) in the proxy's sandbox (the same
+fuel, deadline and memory cap), call it over a simulated workload, and print how
+it spread the requests, any faults, what it logged and its call times. Exits 1 if
+it does not load or faults.
+
+The simulated model:
+  - Backends 0..n at 127.0.0.1:8081, :8082, ... with --weights and --labels; a
+    0.2.0 module is configured with them and --options before the first call.
+  - Requests are GET / from 127.0.0.1, one at a time, ids 1, 2, ...; with
+    --keys N, request i has the hash key XXH3-64 of \"key-(i mod N)\", else none;
+    `random` comes from a generator seeded with --seed.
+  - A backend shows --latencies as latency-micros (default 1000, 1250, ... us)
+    and --in-flight as in-flight when given; otherwise each request stays in
+    flight for n calls, so in-flight moves as under steady load.
+  - An attempt ends with the backend's --status (default 200) after its
+    latency, and an observing module is told. With `fail` the connection is
+    refused: the observer is told `connect` and the request is retried (at most
+    2 times, as the proxy does) with attempt raised and the tried backends left
+    out of the list.
+  - The module's log lines are shown, under the proxy's limit of 10 a second.";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Lang {
+    Rust,
+    Js,
+    C,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -197,32 +275,59 @@ fn strategy_command(action: StrategyCommand) -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        StrategyCommand::New { dir, lang } => {
+            let lang = match lang {
+                Lang::Rust => scaffold::Lang::Rust,
+                Lang::Js => scaffold::Lang::JavaScript,
+                Lang::C => scaffold::Lang::C,
+            };
+            match scaffold::new_project(&dir, lang) {
+                Ok(project) => {
+                    println!("{}", project.summary());
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("error: {error}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         StrategyCommand::Test {
             module,
             backends,
             requests,
             weights,
+            keys,
+            options,
+            labels,
+            status,
+            latencies,
+            in_flight,
+            trace,
+            seed,
+            json,
             fuel,
             timeout,
             memory_mib,
         } => {
-            let weights = match (weights, backends) {
-                (Some(w), Some(n)) if w.len() != n => {
-                    eprintln!(
-                        "error: --weights has {} values but --backends is {n}",
-                        w.len()
-                    );
-                    return ExitCode::FAILURE;
-                }
-                (Some(w), _) if w.contains(&0) => {
-                    eprintln!("error: --weights: every weight must be at least 1");
-                    return ExitCode::FAILURE;
-                }
-                (Some(w), _) => w,
-                (None, n) => vec![1; n.unwrap_or(4)],
+            let lists = TestLists {
+                backends,
+                weights,
+                labels,
+                status,
+                latencies,
+                in_flight,
             };
-            if weights.is_empty() {
-                eprintln!("error: --backends must be at least 1");
+            let mut workload = match lists.workload(requests) {
+                Ok(workload) => workload,
+                Err(error) => {
+                    eprintln!("error: {error}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            (workload.keys, workload.seed, workload.trace) = (keys, seed, trace);
+            if let Err(error) = serde_json::from_str::<serde_json::Value>(&options) {
+                eprintln!("error: --options is not valid JSON: {error}");
                 return ExitCode::FAILURE;
             }
             if !(timeout.is_finite() && timeout >= 0.001) || fuel == 0 || memory_mib == 0 {
@@ -241,31 +346,31 @@ fn strategy_command(action: StrategyCommand) -> ExitCode {
             } else {
                 StrategySource::Path(PathBuf::from(&module))
             };
-            // Simulated backends as a 0.2.0 module's `configure` sees them.
-            let backends = weights
-                .iter()
-                .enumerate()
-                .map(|(id, &weight)| BackendInfo {
-                    id: id as u32,
-                    address: format!("127.0.0.1:{}", 8081 + id),
-                    weight,
-                    labels: Vec::new(),
-                })
-                .collect();
+            let log = Arc::new(workload::CapturedLog::default());
             let setup = StrategySetup {
-                backends,
+                options,
+                backends: workload.backend_infos(),
+                log: log.clone(),
                 ..StrategySetup::new(limits)
             };
             let strategy = match balancer::load(&source, &setup) {
                 Ok(strategy) => strategy,
                 Err(error) => {
+                    // What it logged before it was refused (a configure
+                    // explaining itself, a panic message) helps most.
+                    for line in log.take().0 {
+                        eprintln!("{} log [{}] {}", module, line.level.as_str(), line.message);
+                    }
                     eprintln!("error: {error}");
                     return ExitCode::FAILURE;
                 }
             };
-            let workload = workload::Workload { weights, requests };
-            let report = workload::run(&*strategy, &workload);
-            print_report(strategy.name(), &workload, &report);
+            let report = workload::run(&*strategy, &workload, Some(&log));
+            if json {
+                println!("{}", report.to_json(&*strategy, &workload));
+            } else {
+                print!("{}", report.render(&*strategy, &workload));
+            }
             if report.total_faults() > 0 {
                 eprintln!(
                     "error: {} faulted on {} of {} calls; first: {}",
@@ -281,46 +386,93 @@ fn strategy_command(action: StrategyCommand) -> ExitCode {
     }
 }
 
-fn print_report(name: &str, workload: &workload::Workload, report: &workload::Report) {
-    println!(
-        "strategy {name}: {} calls over {} backends",
-        report.calls,
-        workload.weights.len()
-    );
-    if report.calls < workload.requests {
-        println!(
-            "stopped after {} faults ({} calls were asked for)",
-            workload::MAX_FAULTS,
-            workload.requests
-        );
-    }
-    println!(
-        "{:>8} {:>8} {:>10} {:>8}",
-        "backend", "weight", "picks", "share"
-    );
-    for (id, (weight, picks)) in workload.weights.iter().zip(&report.picks).enumerate() {
-        let share = 100.0 * *picks as f64 / report.calls.max(1) as f64;
-        println!("{id:>8} {weight:>8} {picks:>10} {share:>7.1}%");
-    }
-    if report.refused > 0 {
-        println!("refused (answered none): {}", report.refused);
-    }
-    let faults: Vec<String> = report
-        .faults
-        .iter()
-        .filter(|(_, n)| *n > 0)
-        .map(|(k, n): &(FaultKind, u64)| format!("{}={n}", k.as_str()))
-        .collect();
-    println!(
-        "faults: {}",
-        if faults.is_empty() {
-            "none".to_string()
-        } else {
-            faults.join(", ")
+/// The per-backend lists of `strategy test`, checked against each other.
+struct TestLists {
+    backends: Option<usize>,
+    weights: Option<Vec<u32>>,
+    labels: Vec<String>,
+    status: Option<Vec<String>>,
+    latencies: Option<Vec<u32>>,
+    in_flight: Option<Vec<u32>>,
+}
+
+impl TestLists {
+    fn workload(self, requests: usize) -> Result<workload::Workload, String> {
+        let given = [
+            ("--weights", self.weights.as_ref().map(Vec::len)),
+            ("--status", self.status.as_ref().map(Vec::len)),
+            ("--latencies", self.latencies.as_ref().map(Vec::len)),
+            ("--in-flight", self.in_flight.as_ref().map(Vec::len)),
+        ];
+        let n = self
+            .backends
+            .or_else(|| given.iter().find_map(|(_, len)| *len))
+            .unwrap_or(4);
+        if n == 0 {
+            return Err("--backends must be at least 1".into());
         }
-    );
-    println!(
-        "select time: median {:?}, p99 {:?}",
-        report.median, report.p99
-    );
+        for (flag, len) in given {
+            match (len, self.backends) {
+                (Some(len), Some(b)) if len != b => {
+                    return Err(format!("{flag} has {len} values but --backends is {b}"))
+                }
+                (Some(len), None) if len != n => {
+                    return Err(format!("{flag} has {len} values but other lists have {n}"))
+                }
+                _ => {}
+            }
+        }
+        let weights = self.weights.unwrap_or_else(|| vec![1; n]);
+        if weights.contains(&0) {
+            return Err("--weights: every weight must be at least 1".into());
+        }
+        let mut labels: Vec<Vec<(String, String)>> = vec![Vec::new(); n];
+        for label in &self.labels {
+            let parsed = label.split_once(':').and_then(|(id, kv)| {
+                let (k, v) = kv.split_once('=')?;
+                Some((id.trim().parse::<usize>().ok()?, k.trim(), v.trim()))
+            });
+            match parsed {
+                Some((id, k, v)) if id < n && !k.is_empty() => {
+                    labels[id].push((k.to_string(), v.to_string()))
+                }
+                Some((id, _, _)) if id >= n => {
+                    return Err(format!(
+                        "--labels {label:?}: there is no backend {id} (0..{n})"
+                    ))
+                }
+                _ => {
+                    return Err(format!(
+                        "--labels {label:?}: expected ID:KEY=VALUE, e.g. 0:zone=a"
+                    ))
+                }
+            }
+        }
+        for list in &mut labels {
+            list.sort();
+        }
+        let statuses = self
+            .status
+            .unwrap_or_default()
+            .iter()
+            .map(|s| match s.trim() {
+                "fail" => Ok(workload::SimulatedStatus::Fail),
+                code => match code.parse::<u16>() {
+                    Ok(code) if (100..=999).contains(&code) => {
+                        Ok(workload::SimulatedStatus::Status(code))
+                    }
+                    _ => Err(format!(
+                        "--status: {code:?} is neither a status code (100-999) nor `fail`"
+                    )),
+                },
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(workload::Workload {
+            labels,
+            statuses,
+            latencies: self.latencies.unwrap_or_default(),
+            in_flight: self.in_flight.unwrap_or_default(),
+            ..workload::Workload::new(weights, requests)
+        })
+    }
 }

@@ -10,7 +10,7 @@
 //! One request, start to end (`downstream.rs` -> `forward.rs` ->
 //! `upstream.rs`): the request head is read and checked, then rewritten for
 //! the backend as bytes (`headers.rs`) -> the current
-//! [`State`](crate::generation::State) gives a pool snapshot of eligible
+//! [`State`] gives a pool snapshot of eligible
 //! backends -> strategy `select` with the request's view (`view.rs`) ->
 //! [`ConnectionGuard`](crate::server::ConnectionGuard) raises the backend's
 //! active count -> the head (and body, streamed) go out over a pooled
