@@ -33,5 +33,18 @@ if faults or report["contract"] != "0.2.0" or sum(picks) != 300 or min(picks) ==
 print(f"strategy-new: {lang}: contract {report['contract']}, picks {picks}, no faults")
 PY
     echo "strategy-new: $lang: new + first build $((built - started)) s"
+    if [ "$lang" = rust ]; then
+        # A panic must reach the author as its message, through the
+        # starter's panic hook and the module's log, not as a bare trap.
+        sed -i 's|^    pub fn select(&mut self, hash_key: Option<u64>, random: u64, backends: &\[Backend\]) -> Option<u32> {$|&\n        panic!("deliberate panic for the check");|' "$dir/src/lib.rs"
+        grep -q 'deliberate panic for the check' "$dir/src/lib.rs" || { echo "strategy-new: could not plant the panic" >&2; exit 1; }
+        (cd "$dir" && ./build.sh >/dev/null)
+        if out="$("$BIN" strategy test "$dir/$name.wasm" --requests 3 2>&1)"; then
+            echo "strategy-new: a panicking module passed strategy test: $out" >&2; exit 1
+        fi
+        grep -q '\[error\] panic: deliberate panic for the check at src/lib.rs:' <<<"$out" ||
+            { echo "strategy-new: the panic message is not in the report: $out" >&2; exit 1; }
+        echo "strategy-new: rust: a panic shows as: $(grep -m1 'panic:' <<<"$out" | sed 's/^ *//')"
+    fi
 done
 echo "strategy-new: ok"
