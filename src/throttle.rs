@@ -29,7 +29,12 @@ impl LogThrottle {
     /// `Some(n)` if a line may be written now, `n` being how many were
     /// suppressed since the last one; `None` if this one is suppressed.
     pub fn allow(&self) -> Option<u64> {
-        let now = self.origin.elapsed().as_nanos() as u64;
+        self.allow_at(self.origin.elapsed())
+    }
+
+    /// [`LogThrottle::allow`] at `elapsed` since the throttle was made.
+    fn allow_at(&self, elapsed: Duration) -> Option<u64> {
+        let now = elapsed.as_nanos() as u64;
         let next = self.next.load(Ordering::Relaxed);
         let until = now + self.interval.as_nanos() as u64;
         if now >= next
@@ -53,10 +58,14 @@ mod tests {
     #[test]
     fn one_line_per_interval_with_a_count_of_the_rest() {
         let throttle = LogThrottle::new(Duration::from_millis(50));
-        assert_eq!(throttle.allow(), Some(0));
-        assert_eq!(throttle.allow(), None);
-        assert_eq!(throttle.allow(), None);
-        std::thread::sleep(Duration::from_millis(60));
-        assert_eq!(throttle.allow(), Some(2));
+        let ms = Duration::from_millis;
+        assert_eq!(throttle.allow_at(ms(0)), Some(0));
+        assert_eq!(throttle.allow_at(ms(1)), None);
+        assert_eq!(throttle.allow_at(ms(49)), None);
+        assert_eq!(throttle.allow_at(ms(50)), Some(2));
+        assert_eq!(throttle.allow_at(ms(60)), None);
+        assert_eq!(throttle.allow_at(ms(500)), Some(1));
+        // The real clock drives `allow`: a fresh throttle lets one through.
+        assert_eq!(LogThrottle::new(Duration::from_secs(3600)).allow(), Some(0));
     }
 }

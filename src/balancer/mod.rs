@@ -266,8 +266,8 @@ pub struct Balancer {
     faults: [AtomicU64; FaultKind::ALL.len()],
     consecutive_faults: AtomicU32,
     log: LogThrottle,
-    started: Instant,
-    /// Nanoseconds since `started` before which the module is skipped.
+    clock: Clock,
+    /// Nanoseconds on `clock` before which the module is skipped.
     quarantined_until: AtomicU64,
     fault_hook: Option<FaultHook>,
 }
@@ -284,7 +284,7 @@ impl Balancer {
             faults: Default::default(),
             consecutive_faults: AtomicU32::new(0),
             log: LogThrottle::new(FAULT_LOG_INTERVAL),
-            started: Instant::now(),
+            clock: Clock::Real(Instant::now()),
             quarantined_until: AtomicU64::new(0),
             fault_hook: None,
         }
@@ -308,8 +308,7 @@ impl Balancer {
 
     /// Whether the module is being skipped after repeated faults.
     fn quarantined(&self) -> bool {
-        let now = self.started.elapsed().as_nanos() as u64;
-        now < self.quarantined_until.load(Ordering::Relaxed)
+        self.clock.nanos() < self.quarantined_until.load(Ordering::Relaxed)
     }
 
     /// Picks a backend among `backends` for `request`. Never fails: a fault
@@ -378,9 +377,8 @@ impl Balancer {
         if consecutive >= QUARANTINE_AFTER {
             let doublings = (consecutive - QUARANTINE_AFTER).min(16);
             let pause = (QUARANTINE_MIN * 2u32.pow(doublings)).min(QUARANTINE_MAX);
-            let until = self.started.elapsed() + pause;
-            self.quarantined_until
-                .store(until.as_nanos() as u64, Ordering::Relaxed);
+            let until = self.clock.nanos() + pause.as_nanos() as u64;
+            self.quarantined_until.store(until, Ordering::Relaxed);
             quarantine = Some(pause);
         }
 
@@ -400,6 +398,26 @@ impl Balancer {
                 suppressed,
                 "strategy fault: {fault}; request served by round robin, instance rebuilt"
             ),
+        }
+    }
+}
+
+/// Where the balancer reads the time: the real clock, or one a test moves.
+#[derive(Debug)]
+enum Clock {
+    /// Nanoseconds since this instant.
+    Real(Instant),
+    /// Nanoseconds as set (tests).
+    #[cfg(test)]
+    Manual(Arc<AtomicU64>),
+}
+
+impl Clock {
+    fn nanos(&self) -> u64 {
+        match self {
+            Clock::Real(origin) => origin.elapsed().as_nanos() as u64,
+            #[cfg(test)]
+            Clock::Manual(now) => now.load(Ordering::Relaxed),
         }
     }
 }
@@ -468,12 +486,41 @@ mod tests {
     }
 
     #[test]
-    fn a_module_that_keeps_faulting_is_skipped_for_a_while() {
-        let b = Balancer::new(Arc::new(Fixed(Err(StrategyError::Timeout))));
+    fn a_module_that_keeps_faulting_is_skipped_for_a_growing_while() {
+        let now = Arc::new(AtomicU64::new(0));
+        let b = Balancer {
+            clock: Clock::Manual(Arc::clone(&now)),
+            ..Balancer::new(Arc::new(Fixed(Err(StrategyError::Timeout))))
+        };
+        let at = |ms: u64| now.store(ms * 1_000_000, Ordering::Relaxed);
+        let faults = || b.faults(FaultKind::Timeout);
+        // Faults 1 and 2 are served by round robin; the 3rd starts the
+        // quarantine: 100 ms in which the module is not called at all.
         for i in 0..10 {
             assert_eq!(b.select(&REQUEST, &views(2)), Decision::Backend(i % 2));
         }
-        // Three faults, then the quarantine (100 ms) serves the rest.
-        assert_eq!(b.faults(FaultKind::Timeout), QUARANTINE_AFTER as u64);
+        assert_eq!(faults(), QUARANTINE_AFTER as u64);
+        at(99);
+        b.select(&REQUEST, &views(2));
+        assert_eq!(faults(), 3, "still skipped at 99 ms");
+        // Each further fault in a row doubles the pause: 200 ms, 400 ms,
+        // ... up to 10 s, where it stays.
+        let mut t = 100;
+        for pause in [200, 400, 800, 1600, 3200, 6400, 10_000, 10_000, 10_000] {
+            at(t);
+            b.select(&REQUEST, &views(2));
+            let called = faults();
+            at(t + pause - 1);
+            b.select(&REQUEST, &views(2));
+            assert_eq!(faults(), called, "skipped until {pause} ms after {t} ms");
+            t += pause;
+        }
+        assert_eq!(faults(), 3 + 9);
+        // A call that succeeds ends the streak.
+        let ok = Balancer {
+            clock: Clock::Manual(Arc::clone(&now)),
+            ..Balancer::new(Arc::new(Fixed(Ok(Some(1)))))
+        };
+        assert_eq!(ok.select(&REQUEST, &views(2)), Decision::Backend(1));
     }
 }
