@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Smoke test of the README's quick start: two python http.server backends on
-# 8081 and 8082, the release binary on the bundled config.json (port 8080),
-# 20 requests through it, each backend must get 10. Loopback only, bounded,
-# and it stops only the processes it started.
+# 8081 and 8082, then the README's run command as written, `cargo run
+# --release` in the repo root (the bundled config.json, port 8080), 20
+# requests through it, each backend must get 10. When something else holds
+# the quick-start ports it says so and runs the release binary on the same
+# config moved to other ports instead. Loopback only, bounded, and it stops
+# only the processes it started (cargo run replaces itself with the
+# balancer, so its PID is the balancer's).
 set -euo pipefail
 BIN="$1"
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -35,13 +39,15 @@ PY
 
 config="config.json"
 ports=(8080 8081 8082)
+as_written=1
 if ! port_free 8080 || ! port_free 8081 || ! port_free 8082; then
+    as_written=0
     # Something else on this machine holds the quick-start ports: same config
     # shape, other ports, so the check still runs.
     ports=(18080 18081 18082)
     config="$work/config.json"
     sed -e "s/:8080/:${ports[0]}/; s/:8081/:${ports[1]}/; s/:8082/:${ports[2]}/" config.json > "$config"
-    echo "smoke: quick-start ports busy, using ${ports[*]}"
+    echo "smoke: the quick-start ports 8080-8082 are busy on this machine: not running \`cargo run --release\` as written; the release binary on config.json moved to ${ports[*]} instead"
 fi
 
 for port in "${ports[1]}" "${ports[2]}"; do
@@ -54,7 +60,12 @@ done
 # rightly takes them out of rotation for a check interval (30 s here).
 wait_http "${ports[1]}"
 wait_http "${ports[2]}"
-RUST_LOG=info "$BIN" --config "$config" 2> "$work/balancer.log" &
+if [ "$as_written" -eq 1 ]; then
+    echo "smoke: running the README's command as written: cargo run --release (in $(pwd))"
+    RUST_LOG=info cargo run --release 2> "$work/balancer.log" &
+else
+    RUST_LOG=info "$BIN" --config "$config" 2> "$work/balancer.log" &
+fi
 pids+=($!)
 wait_http "${ports[0]}"
 
