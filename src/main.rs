@@ -365,6 +365,23 @@ fn strategy_command(action: StrategyCommand) -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            let unseen: Vec<&str> = [
+                ("--keys", workload.keys > 0),
+                ("--options", setup.options.trim() != "{}"),
+                ("--labels", workload.labels.iter().any(|l| !l.is_empty())),
+            ]
+            .iter()
+            .filter(|(_, given)| *given)
+            .map(|(flag, _)| *flag)
+            .collect();
+            if !unseen.is_empty() && strategy.contract() != balancer::Contract::V0_2 {
+                eprintln!(
+                    "warning: {} given, but {} implements contract {}, which sees no request, options or labels",
+                    unseen.join(", "),
+                    strategy.name(),
+                    strategy.contract().as_str()
+                );
+            }
             let report = workload::run(&*strategy, &workload, Some(&log));
             if json {
                 println!("{}", report.to_json(&*strategy, &workload));

@@ -418,3 +418,35 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     files
 }
+
+#[test]
+fn request_flags_given_to_a_0_1_0_module_are_named_as_unseen() {
+    let out = run(&[
+        "strategy",
+        "test",
+        "round-robin",
+        "--requests",
+        "9",
+        "--keys",
+        "3",
+        "--labels",
+        "0:zone=a",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out)
+            .contains("warning: --keys, --labels given, but round-robin implements contract 0.1.0"),
+        "{}",
+        text(&out)
+    );
+    let out = run(&[
+        "strategy",
+        "test",
+        "consistent-hash",
+        "--requests",
+        "9",
+        "--keys",
+        "3",
+    ]);
+    assert!(!text(&out).contains("warning:"), "{}", text(&out));
+}
