@@ -360,3 +360,149 @@ fn strategy_test_fails_naming_the_fault() {
     ]);
     assert_fails_naming(&out, &["--weights has 3 values but --backends is 2"]);
 }
+
+/// Runs the binary in `dir` (as its working directory).
+fn run_in(dir: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .current_dir(dir)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("the binary runs")
+}
+
+#[test]
+fn the_config_is_config_json_in_the_working_directory_or_the_one_c_names() {
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing there: the default file is named in the error.
+    let out = run_in(dir.path(), &["--check"]);
+    assert_fails_naming(&out, &["cannot read config file config.json"]);
+
+    std::fs::write(
+        dir.path().join("config.json"),
+        r#"{ "listen_address": "127.0.0.1:18080", "strategy": "least-connections",
+             "backend_servers": ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"] }"#,
+    )
+    .unwrap();
+    let out = run_in(dir.path(), &["--check"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "config.json: ok: listen 127.0.0.1:18080, 3 backends, strategy least-connections\n"
+    );
+
+    // `-c` and `--config` name another file, wherever the binary runs.
+    let other = dir.path().join("other.yaml");
+    std::fs::write(
+        &other,
+        "listen_address: 127.0.0.1:18081\nbackend_servers: [127.0.0.1:4]\n",
+    )
+    .unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    for flag in ["-c", "--config"] {
+        let out = run_in(
+            elsewhere.path(),
+            &[flag, other.to_str().unwrap(), "--check"],
+        );
+        assert!(out.status.success(), "{flag}: {}", stderr(&out));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            format!(
+                "{}: ok: listen 127.0.0.1:18081, 1 backend, strategy round-robin\n",
+                other.display()
+            ),
+            "{flag}"
+        );
+    }
+    // `-c` wins over a config.json in the working directory.
+    let out = run_in(dir.path(), &["-c", "other.yaml", "--check"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("listen 127.0.0.1:18081"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// `strategy test MODULE --requests N ARGS...`: (exit code, stdout).
+fn strategy_test(module: &str, requests: &str, args: &[&str]) -> (Option<i32>, String) {
+    let mut all = vec!["strategy", "test", module, "--requests", requests];
+    all.extend_from_slice(args);
+    let out = run(&all);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
+    assert!(!text.contains("panicked"), "{text}");
+    (out.status.code(), text)
+}
+
+/// The fault kinds a `strategy test` report names on its `faults:` line.
+fn fault_kinds(text: &str) -> Vec<String> {
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("faults: "))
+        .unwrap_or_else(|| panic!("no faults line: {text}"));
+    if line == "none" {
+        return Vec::new();
+    }
+    line.split([' ', ','])
+        .filter(|part| !part.is_empty())
+        .map(|part| {
+            let (kind, count) = part.split_once('=').unwrap_or_else(|| panic!("{line}"));
+            assert!(count.parse::<u64>().unwrap() > 0, "{line}");
+            kind.to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn strategy_test_fuel_timeout_and_memory_flags_change_the_outcome() {
+    // --fuel: round robin passes with the default fuel, runs out with 1.
+    let (code, text) = strategy_test("round-robin", "20", &[]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(fault_kinds(&text).is_empty(), "{text}");
+    let (code, text) = strategy_test("round-robin", "20", &["--fuel", "1"]);
+    assert_eq!(code, Some(1), "{text}");
+    assert_eq!(fault_kinds(&text), ["out_of_fuel"], "{text}");
+
+    // --timeout: a module that loops, with the same fuel (about 80 ms of
+    // looping here, far more than 0.002 s and far less than 60 s): the
+    // deadline decides which limit stops it.
+    let looping = support::dist("misbehave-loop.wasm");
+    let looping = looping.to_str().unwrap();
+    let fuel = ["--fuel", "1000000000"];
+    let (code, text) = strategy_test(looping, "2", &[&fuel[..], &["--timeout", "60"]].concat());
+    assert_eq!(code, Some(1), "{text}");
+    assert_eq!(fault_kinds(&text), ["out_of_fuel"], "{text}");
+    let (code, text) = strategy_test(looping, "2", &[&fuel[..], &["--timeout", "0.002"]].concat());
+    assert_eq!(code, Some(1), "{text}");
+    assert_eq!(fault_kinds(&text), ["timeout"], "{text}");
+
+    // --memory-mib: consistent-hash's table fits in 2 MiB, not in 1.
+    let (code, text) = strategy_test("consistent-hash", "20", &["--memory-mib", "2"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(fault_kinds(&text).is_empty(), "{text}");
+    let (code, text) = strategy_test("consistent-hash", "20", &["--memory-mib", "1"]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("<built-in consistent-hash>") && text.contains("exceeded its memory limit"),
+        "{text}"
+    );
+    // A module that hoards memory is stopped at the cap, at any cap.
+    let hoard = support::dist("misbehave-memory.wasm");
+    let (code, text) = strategy_test(hoard.to_str().unwrap(), "2", &["--memory-mib", "3"]);
+    assert_eq!(code, Some(1), "{text}");
+    assert_eq!(fault_kinds(&text), ["memory"], "{text}");
+
+    // Out of range values are refused, naming the flags.
+    for bad in [
+        ["--fuel", "0"],
+        ["--timeout", "0.0005"],
+        ["--memory-mib", "0"],
+    ] {
+        let (code, text) = strategy_test("round-robin", "2", &bad);
+        assert_eq!(code, Some(1), "{bad:?}: {text}");
+        assert!(
+            text.contains("--timeout must be at least 0.001"),
+            "{bad:?}: {text}"
+        );
+    }
+}

@@ -176,25 +176,47 @@ fn weights_are_exact_over_every_cycle() {
 
 #[test]
 fn least_connections_picks_the_minimum_and_rotates_ties() {
+    let mut tested = 0;
     for (name, algorithm, strategy) in shipped() {
         if algorithm != Algorithm::LeastConnections {
             continue;
         }
+        tested += 1;
         let mut list = views(&[1, 1, 1, 1]);
-        for (b, load) in list.iter_mut().zip([4, 2, 9, 3]) {
-            b.in_flight = load;
-        }
+        let load = |list: &mut Vec<BackendView>, loads: [u32; 4]| {
+            for (b, load) in list.iter_mut().zip(loads) {
+                b.in_flight = load;
+            }
+        };
+        // A fresh instance: the tied backends take turns, in list order,
+        // starting with the first of them.
+        load(&mut list, [3, 1, 5, 1]);
+        let picks: Vec<usize> = (0..8).map(|_| pick(&*strategy, &list)).collect();
+        assert_eq!(picks, [1, 3, 1, 3, 1, 3, 1, 3], "{name}: ties rotate");
+        // A single minimum wins every time.
+        load(&mut list, [4, 2, 9, 3]);
         for _ in 0..5 {
             assert_eq!(pick(&*strategy, &list), 1, "{name}");
         }
-        for (b, load) in list.iter_mut().zip([3, 1, 5, 1]) {
-            b.in_flight = load;
-        }
-        let picks: Vec<usize> = (0..6).map(|_| pick(&*strategy, &list)).collect();
-        let ones = picks.iter().filter(|&&p| p == 1).count();
+        // Ties again, wherever the rotation stands: each pick is the other
+        // tied backend than the one before.
+        load(&mut list, [3, 1, 5, 1]);
+        let picks: Vec<usize> = (0..7).map(|_| pick(&*strategy, &list)).collect();
         assert!(picks.iter().all(|&p| p == 1 || p == 3), "{name}: {picks:?}");
-        assert_eq!(ones, 3, "{name}: ties must alternate: {picks:?}");
+        assert!(
+            picks.windows(2).all(|w| w[0] != w[1]),
+            "{name}: ties must alternate: {picks:?}"
+        );
+        // Three tied (ids 0, 1 and 3 at 0): a cycle through all three, in
+        // list order, repeating.
+        load(&mut list, [0, 0, 2, 0]);
+        let picks: Vec<usize> = (0..9).map(|_| pick(&*strategy, &list)).collect();
+        let start = [0, 1, 3].iter().position(|&p| p == picks[0]);
+        let start = start.unwrap_or_else(|| panic!("{name}: {picks:?}"));
+        let want: Vec<usize> = (0..9).map(|i| [0, 1, 3][(start + i) % 3]).collect();
+        assert_eq!(picks, want, "{name}: three ties cycle in list order");
     }
+    assert_eq!(tested, 2, "the module and its native twin");
 }
 
 // ---------------------------------------------------------------------------

@@ -10,14 +10,12 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use http::StatusCode;
-use support::{
-    config_for, dist, free_port, start_proxy, wait_until, Binary, Http, Load, TestBackend,
-};
+use support::{config_for, dist, start_proxy, wait_until, Binary, Http, Load, TestBackend};
 
+/// Writes `lb.json` naming `backends`, with both listeners on port 0 (the
+/// binary logs the ports it got; a reload keeps its listeners).
 fn write_config(
     dir: &std::path::Path,
-    port: u16,
-    admin: u16,
     backends: &[&TestBackend],
     strategy: &str,
 ) -> std::path::PathBuf {
@@ -29,7 +27,7 @@ fn write_config(
     std::fs::write(
         &path,
         format!(
-            r#"{{ "listen_address": "127.0.0.1:{port}", "admin_address": "127.0.0.1:{admin}",
+            r#"{{ "listen_address": "127.0.0.1:0", "admin_address": "127.0.0.1:0",
                  "backend_servers": [{}], "strategy": "{strategy}", "health_check_interval": 0.2 }}"#,
             list.join(", ")
         ),
@@ -45,8 +43,6 @@ async fn admin_config(admin: &Http) -> serde_json::Value {
 /// The binary on a config file naming `backends` and an admin listener.
 struct Running {
     dir: tempfile::TempDir,
-    port: u16,
-    admin_port: u16,
     binary: Binary,
     http: Http,
     admin: Http,
@@ -55,27 +51,37 @@ struct Running {
 impl Running {
     async fn start(backends: &[&TestBackend], strategy: &str) -> Running {
         let dir = tempfile::tempdir().unwrap();
-        let (port, admin_port) = (free_port(), free_port());
-        let path = write_config(dir.path(), port, admin_port, backends, strategy);
+        let path = write_config(dir.path(), backends, strategy);
+        let binary = Binary::spawn(&path, &[]).await;
+        let admin = admin_addr(&binary).await;
         Running {
-            binary: Binary::start(&path, &[], port).await,
-            http: Http::new(([127, 0, 0, 1], port).into()),
-            admin: Http::new(([127, 0, 0, 1], admin_port).into()),
+            http: Http::new(binary.addr().unwrap()),
+            admin: Http::new(admin),
+            binary,
             dir,
-            port,
-            admin_port,
         }
     }
 
     /// Rewrites the config file with another strategy; returns its path.
     fn rewrite(&self, backends: &[&TestBackend], strategy: &str) -> std::path::PathBuf {
-        write_config(
-            self.dir.path(),
-            self.port,
-            self.admin_port,
-            backends,
-            strategy,
-        )
+        write_config(self.dir.path(), backends, strategy)
+    }
+}
+
+/// The admin listener's address, from the binary's log (its line may come
+/// just after the one saying where it listens).
+async fn admin_addr(binary: &Binary) -> std::net::SocketAddr {
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(addr) = binary.admin_addr() {
+            return addr;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no admin line: {}",
+            binary.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -326,18 +332,18 @@ async fn sigterm_lets_a_slow_request_finish_then_exits_zero() {
     let slow = TestBackend::start("slow").await;
     slow.state.delay_ms.store(1500, Ordering::SeqCst);
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
     let path = dir.path().join("lb.json");
     std::fs::write(
         &path,
         format!(
-            r#"{{ "listen_address": "127.0.0.1:{port}", "backend_servers": ["{}"], "shutdown_timeout": 10 }}"#,
+            r#"{{ "listen_address": "127.0.0.1:0", "backend_servers": ["{}"], "shutdown_timeout": 10 }}"#,
             slow.address()
         ),
     )
     .unwrap();
-    let mut binary = Binary::start(&path, &[], port).await;
-    let http = Http::new(([127, 0, 0, 1], port).into());
+    let mut binary = Binary::spawn(&path, &[]).await;
+    let addr = binary.addr().unwrap();
+    let http = Http::new(addr);
 
     let in_flight = tokio::spawn({
         let http = http.clone();
@@ -352,7 +358,7 @@ async fn sigterm_lets_a_slow_request_finish_then_exits_zero() {
     binary.signal("TERM");
     // New connections are refused once the listener is closed.
     wait_until("the listener closed", Duration::from_secs(5), || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
+        std::net::TcpStream::connect(addr).is_err()
     })
     .await;
     let answer = in_flight.await.unwrap();
@@ -374,18 +380,17 @@ async fn sigterm_lets_a_slow_request_finish_then_exits_zero() {
 async fn json_logs_are_one_object_per_line() {
     let backend = TestBackend::start("j").await;
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
     let path = dir.path().join("lb.yaml");
     std::fs::write(
         &path,
         format!(
-            "listen_address: 127.0.0.1:{port}\nbackend_servers: [\"{}\"]\naccess_log: true\n",
+            "listen_address: 127.0.0.1:0\nbackend_servers: [\"{}\"]\naccess_log: true\n",
             backend.address()
         ),
     )
     .unwrap();
-    let mut binary = Binary::start(&path, &["--log-format", "json"], port).await;
-    let http = Http::new(([127, 0, 0, 1], port).into());
+    let mut binary = Binary::spawn(&path, &["--log-format", "json"]).await;
+    let http = Http::new(binary.addr().unwrap());
     for _ in 0..3 {
         http.get("/some/path?x=1").await;
     }
