@@ -30,6 +30,7 @@ use super::http1::{read_more, read_more_within, write_all, write_body, Framing, 
 const HEAD_BUFFER: usize = 4096;
 use super::upstream::UpstreamResponse;
 use super::Shared;
+use crate::config::ClientLimits;
 use crate::generation::State;
 use crate::metrics::NO_BACKEND;
 use crate::server::ConnectionGuard;
@@ -73,12 +74,16 @@ pub(super) async fn serve(
     let mut buf = BytesMut::new();
     let mut first = true;
     loop {
-        let state = shared.state();
+        // The limits of the generation current while the connection waits;
+        // the request itself is served by the one current when its head
+        // has arrived, so a connection idle across a reload follows the new
+        // config (and holds no generation while idle).
+        let limits = shared.generations.peek().config().clients;
         let head = match read_head(
             &stream,
             &mut buf,
             client.text(),
-            &state,
+            limits,
             first,
             &mut shutdown,
         )
@@ -105,6 +110,7 @@ pub(super) async fn serve(
             }
         };
         first = false;
+        let state = shared.state();
         // Boxed: the state of a request in flight is allocated for its
         // duration only, so an idle connection stays small (about 10,000
         // of them in a few MiB).
@@ -130,11 +136,10 @@ async fn read_head(
     stream: &TcpStream,
     buf: &mut BytesMut,
     client: &str,
-    state: &State,
+    limits: ClientLimits,
     first: bool,
     shutdown: &mut watch::Receiver<Option<Duration>>,
 ) -> Result<RequestHead, HeadFailure> {
-    let limits = state.config().clients;
     let now = Deadline::now();
     // A new connection has the head timeout from its start; a kept-alive
     // one the keep-alive timeout until its next request starts.
