@@ -3,7 +3,7 @@
 
 mod support;
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,6 +12,7 @@ use rust_load_balancer::Config;
 use support::{
     config_for, start_proxy, wait_until, BlackHole, Http, Load, ResetBackend, TestBackend,
 };
+use tokio::io::AsyncReadExt;
 
 fn fast_checks(config: &mut Config) {
     config.health.interval = Duration::from_millis(100);
@@ -253,4 +254,138 @@ async fn a_refused_connect_is_retried_even_for_a_post() {
         body.len(),
         "the body arrived whole on the retry"
     );
+}
+
+/// A raw backend that accepts (so TCP checks pass), reads a request head,
+/// then resets the connection: every proxied request fails with an I/O
+/// error. Counts connections and requests.
+struct Resetting {
+    address: String,
+    accepts: Arc<AtomicUsize>,
+    requests: Arc<AtomicUsize>,
+}
+
+impl Resetting {
+    async fn start() -> Resetting {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let accepts = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let (a, r) = (Arc::clone(&accepts), Arc::clone(&requests));
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                a.fetch_add(1, Ordering::SeqCst);
+                let requests = Arc::clone(&r);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    requests.fetch_add(1, Ordering::SeqCst);
+                    let _ = stream.set_zero_linger();
+                });
+            }
+        });
+        Resetting {
+            address,
+            accepts,
+            requests,
+        }
+    }
+}
+
+/// The `lb_upstream_errors_total` count of `backend` and `kind`.
+fn upstream_errors(proxy: &rust_load_balancer::Proxy, backend: &str, kind: &str) -> u64 {
+    let text = proxy.metrics().encode(proxy.state().pool());
+    let prefix = format!("lb_upstream_errors_total{{backend=\"{backend}\",kind=\"{kind}\"}} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+/// `dead` (position 0) fails every proxied request with `kind`; its one
+/// active check, at start-up, has passed and the next is a minute away.
+/// Live requests alone must take it out after exactly
+/// `unhealthy_threshold` failures, each of them retried on `good`.
+async fn ejected_by_traffic(proxy: &rust_load_balancer::Proxy, dead: &str, kind: &str) {
+    let state = proxy.state();
+    let threshold = state.config().health.unhealthy_threshold as u64;
+    let http = Http::new(proxy.local_addr());
+    let dead_in_pool = &state.pool().backends()[0];
+    let mut sent = 0;
+    loop {
+        assert!(sent < 30, "{sent} requests and the dead backend still in");
+        let answer = http.get("/").await;
+        sent += 1;
+        assert_eq!(answer.status, StatusCode::OK, "a client saw the failure");
+        assert_eq!(answer.text(), "good");
+        let failures = upstream_errors(proxy, dead, kind);
+        if failures < threshold {
+            assert!(
+                dead_in_pool.is_healthy(),
+                "out after {failures} failures, fewer than unhealthy_threshold"
+            );
+        } else {
+            assert_eq!(failures, threshold);
+            break;
+        }
+    }
+    assert!(!dead_in_pool.is_healthy());
+    let admin = Http::new(proxy.admin_addr().unwrap());
+    let listed: serde_json::Value =
+        serde_json::from_slice(&admin.get("/backends").await.body).unwrap();
+    assert_eq!(listed[0]["address"], dead);
+    assert_eq!(listed[0]["healthy"], false, "{listed}");
+    assert_eq!(listed[1]["healthy"], true, "{listed}");
+    // Out of rotation: no request tries it any more.
+    for _ in 0..10 {
+        assert_eq!(http.get("/").await.text(), "good");
+    }
+    assert_eq!(upstream_errors(proxy, dead, kind), threshold);
+}
+
+fn passive_only(addresses: &[&str]) -> Config {
+    let mut config = Config::new("127.0.0.1:0".parse().unwrap(), addresses);
+    config.admin_address = Some("127.0.0.1:0".parse().unwrap());
+    // One round of active checks at start-up, the next only after the test.
+    config.health.interval = Duration::from_secs(60);
+    config.health.unhealthy_threshold = 3;
+    config
+}
+
+#[tokio::test]
+async fn live_traffic_alone_ejects_a_backend_that_fails_requests_after_they_are_sent() {
+    let dead = Resetting::start().await;
+    let good = TestBackend::start("good").await;
+    let proxy = start_proxy(passive_only(&[&dead.address, &good.address()])).await;
+    // The start-up check (a TCP connect) passes.
+    wait_until("the start-up check", Duration::from_secs(5), || {
+        dead.accepts.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(proxy.state().pool().backends()[0].is_healthy());
+    ejected_by_traffic(&proxy, &dead.address, "io").await;
+    assert_eq!(dead.requests.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn live_traffic_alone_ejects_a_backend_that_refuses_connections() {
+    let dying = TestBackend::start("dying").await;
+    let good = TestBackend::start("good").await;
+    let dead = dying.address();
+    let proxy = start_proxy(passive_only(&[&dead, &good.address()])).await;
+    // The start-up check (a TCP connect) passes; then the backend goes.
+    wait_until("the start-up check", Duration::from_secs(5), || {
+        dying.accepts() >= 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    dying.stop().await;
+    assert!(proxy.state().pool().backends()[0].is_healthy());
+    ejected_by_traffic(&proxy, &dead, "connect").await;
 }

@@ -6,11 +6,12 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
-use support::{config_for, start_proxy, Http, TestBackend};
+use support::{config_for, start_proxy, wait_until, Http, TestBackend};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -116,85 +117,159 @@ async fn expect_100_continue_works() {
 async fn idle_keep_alive_connections_close_after_the_keepalive_timeout_not_the_header_timeout() {
     let backend = TestBackend::start("b").await;
     let mut config = config_for(&[&backend]);
-    config.clients.header_timeout = Duration::from_millis(300);
-    config.clients.keepalive_timeout = Duration::from_millis(1500);
+    let header_timeout = Duration::from_millis(200);
+    let keepalive_timeout = Duration::from_millis(2000);
+    config.clients.header_timeout = header_timeout;
+    config.clients.keepalive_timeout = keepalive_timeout;
     let proxy = start_proxy(config).await;
-    let mut stream = TcpStream::connect(proxy.local_addr()).await.unwrap();
     let request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
     let mut buf = [0u8; 4096];
-    stream.write_all(request).await.unwrap();
-    let n = stream.read(&mut buf).await.unwrap();
+
+    // A: served once, then idle on its keep-alive timer.
+    let mut idle = TcpStream::connect(proxy.local_addr()).await.unwrap();
+    idle.write_all(request).await.unwrap();
+    let n = idle.read(&mut buf).await.unwrap();
     assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
-    // Idle longer than the head timeout, well within the keep-alive one:
-    // the connection still serves.
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    stream.write_all(request).await.unwrap();
-    let n = stream.read(&mut buf).await.unwrap();
-    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "kept alive");
-    // Idle past the keep-alive timeout: closed by the balancer.
-    let started = Instant::now();
-    let (rest, closed) = read_to_close(&mut stream, Duration::from_secs(5)).await;
-    assert!(closed && rest.is_empty(), "{rest:?}");
-    let waited = started.elapsed();
-    assert!(
-        waited >= Duration::from_millis(1400),
-        "closed after {waited:?}"
-    );
-    // A started head must still be completed within the head timeout.
+
+    // B, opened after A went idle: a started head, never finished. It is
+    // cut by the head timeout (no answer), while A, idle since before B's
+    // timer started, is still open: an idle connection is not held to the
+    // head timeout.
+    let before_connect = Instant::now();
     let mut slow = TcpStream::connect(proxy.local_addr()).await.unwrap();
     slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
         .await
         .unwrap();
-    let started = Instant::now();
-    let (answer, closed) = read_to_close(&mut slow, Duration::from_secs(5)).await;
+    let (answer, closed) = read_to_close(&mut slow, Duration::from_secs(10)).await;
     assert!(closed && answer.is_empty(), "{answer:?}");
-    assert!(started.elapsed() < Duration::from_millis(1400));
+    assert!(
+        before_connect.elapsed() >= header_timeout,
+        "cut before the head timeout"
+    );
+    // A has been idle longer than the head timeout and still serves.
+    let sent_second = Instant::now();
+    idle.write_all(request).await.unwrap();
+    let n = idle.read(&mut buf).await.unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "the idle connection was closed: {:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+
+    // Idle past the keep-alive timeout: closed by the balancer, with
+    // nothing sent. Its timer starts after the second answer was written,
+    // so after the request was, and `sent_second` was read before that.
+    let (rest, closed) = read_to_close(&mut idle, Duration::from_secs(10)).await;
+    assert!(closed && rest.is_empty(), "{rest:?}");
+    let waited = sent_second.elapsed();
+    assert!(waited >= keepalive_timeout, "closed after {waited:?}");
     assert_eq!(backend.hits(), 2);
+}
+
+/// How one slow client fared.
+#[derive(Debug)]
+struct Dripped {
+    /// Bytes of its head it got to write before the balancer closed.
+    written: usize,
+    /// What the balancer sent it.
+    answer: Vec<u8>,
+    /// Whether the balancer closed the connection (end of stream or reset).
+    closed: bool,
+    /// From before its connect until the close.
+    held: Duration,
+}
+
+/// Writes `head` to `addr` one byte per `gap`, watching for the balancer to
+/// close the connection; after the last byte, waits up to 5 s for an answer.
+async fn drip(addr: SocketAddr, head: &'static [u8], gap: Duration) -> Dripped {
+    let started = Instant::now();
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let mut answer = Vec::new();
+    let mut probe = [0u8; 512];
+    let mut written = 0;
+    let mut closed = false;
+    'drip: for byte in head {
+        if stream.write_all(&[*byte]).await.is_err() {
+            closed = true;
+            break;
+        }
+        written += 1;
+        let until = Instant::now() + gap;
+        // Read whatever comes during the gap.
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match tokio::time::timeout(left, stream.read(&mut probe)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => {
+                    closed = true;
+                    break 'drip;
+                }
+                Ok(Ok(n)) => answer.extend_from_slice(&probe[..n]),
+                Err(_) => break,
+            }
+        }
+    }
+    if !closed {
+        let (rest, was_closed) = read_to_close(&mut stream, Duration::from_secs(5)).await;
+        answer.extend_from_slice(rest.as_bytes());
+        closed = was_closed;
+    }
+    Dripped {
+        written,
+        answer,
+        closed,
+        held: started.elapsed(),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_connections_are_cut_off_while_others_are_served() {
     let backend = TestBackend::start("b").await;
     let mut config = config_for(&[&backend]);
-    config.clients.header_timeout = Duration::from_secs(2);
+    let header_timeout = Duration::from_secs(1);
+    config.clients.header_timeout = header_timeout;
     let proxy = start_proxy(config).await;
     let addr = proxy.local_addr();
 
-    // Many clients sending their head one byte a second.
+    // Many clients sending a complete head, one byte every 100 ms: 4 s for
+    // the whole head, four times the head timeout. Left alone, each would
+    // finish its head and reach the backend.
+    const HEAD: &[u8] = b"GET /slow HTTP/1.1\r\nHost: slow\r\nX-Drip: aaaaaa\r\n\r\n";
+    assert!(HEAD.len() >= 40);
     let mut slow = Vec::new();
     for _ in 0..50 {
-        slow.push(tokio::spawn(async move {
-            let mut stream = TcpStream::connect(addr).await.unwrap();
-            let started = Instant::now();
-            for byte in b"GET / HTTP/1.1\r\nHost: slow\r\nX-Drip: aaaaaaaaaaaaaaaaaaaaaaa\r\n" {
-                if stream.write_all(&[*byte]).await.is_err() {
-                    break;
-                }
-                let mut probe = [0u8; 512];
-                match tokio::time::timeout(Duration::from_secs(1), stream.read(&mut probe)).await {
-                    Ok(Ok(0)) | Ok(Err(_)) => break,
-                    // hyper answers 408 before closing.
-                    Ok(Ok(_)) => break,
-                    Err(_) => {}
-                }
-            }
-            started.elapsed()
-        }));
+        slow.push(tokio::spawn(drip(addr, HEAD, Duration::from_millis(100))));
     }
     // A normal client is served throughout.
     let http = Http::new(addr);
     for _ in 0..10 {
-        assert_eq!(http.get("/").await.status, StatusCode::OK);
+        let answer = http.get("/").await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(answer.text(), "b");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     for task in slow {
-        let held = task.await.unwrap();
+        let dripped = task.await.unwrap();
+        // Closed without a word (no 408, no 400), before its head was
+        // complete, and not before the head timeout.
+        assert!(dripped.closed, "a slow client was never cut: {dripped:?}");
         assert!(
-            held < Duration::from_secs(5),
-            "a slow client was held {held:?}"
+            dripped.answer.is_empty(),
+            "a slow client got an answer: {dripped:?}"
+        );
+        assert!(
+            dripped.written < HEAD.len(),
+            "a slow client finished its head: {dripped:?}"
+        );
+        assert!(
+            dripped.held >= header_timeout,
+            "cut before the head timeout: {dripped:?}"
         );
     }
-    assert_eq!(backend.hits(), 10, "no slow request reached the backend");
+    // Had any slow head got through, the backend would count it.
+    assert_eq!(backend.hits(), 10, "a slow request reached the backend");
 }
 
 #[tokio::test]
@@ -319,4 +394,250 @@ async fn a_module_importing_wasi_gets_no_environment_files_network_or_clock() {
         .balancer()
         .faults(rust_load_balancer::balancer::FaultKind::Trap);
     assert!(traps >= 1, "the WASI calls must trap");
+}
+
+/// The status code of the first answer in `raw`, and how many answers
+/// (`HTTP/1.1 ` status lines) it holds.
+fn statuses(raw: &str) -> (u16, usize) {
+    let code = |line: &str| {
+        line.strip_prefix("HTTP/1.1 ")
+            .and_then(|rest| rest.get(..3))
+            .and_then(|code| code.parse::<u16>().ok())
+    };
+    let answers = raw.lines().filter_map(code).count();
+    (code(raw).unwrap_or(0), answers)
+}
+
+#[tokio::test]
+async fn refused_heads_get_400_501_or_417_on_the_wire_and_nothing_reaches_a_backend() {
+    let backend = TestBackend::start("b").await;
+    let proxy = start_proxy(config_for(&[&backend])).await;
+    let addr = proxy.local_addr();
+    // Each bad request is followed, in the same write, by a valid one: had
+    // the balancer kept the connection, the second would be answered (and
+    // reach the backend).
+    let follow = "GET /record HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nnext";
+    let cases: [(&str, &str, u16); 10] = [
+        (
+            "request line without a version",
+            "GET /\r\nHost: x\r\n\r\n",
+            400,
+        ),
+        (
+            "request line with spaces in the target",
+            "GET /a b HTTP/1.1\r\nHost: x\r\n\r\n",
+            400,
+        ),
+        ("HTTP/1.1 without Host", "GET / HTTP/1.1\r\n\r\n", 400),
+        (
+            "two Host fields",
+            "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            400,
+        ),
+        (
+            "Transfer-Encoding in HTTP/1.0",
+            "POST /record HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            400,
+        ),
+        (
+            "chunked not the final coding",
+            "POST /record HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n",
+            400,
+        ),
+        (
+            "CONNECT",
+            "CONNECT backend.example:443 HTTP/1.1\r\nHost: backend.example:443\r\n\r\n",
+            501,
+        ),
+        (
+            "a transfer coding before chunked",
+            "POST /record HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+            501,
+        ),
+        (
+            "an Expect other than 100-continue",
+            "POST /record HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nExpect: something-else\r\n\r\nabc",
+            417,
+        ),
+        (
+            "an Expect other than 100-continue, without a body",
+            "GET / HTTP/1.1\r\nHost: x\r\nExpect: 200-ok\r\n\r\n",
+            417,
+        ),
+    ];
+    for (what, raw, expected) in cases {
+        let (answer, closed) = exchange(addr, format!("{raw}{follow}").as_bytes()).await;
+        let (status, answers) = statuses(&answer);
+        assert_eq!(status, expected, "{what}: {answer:?}");
+        assert_eq!(answers, 1, "{what}: one answer only: {answer:?}");
+        assert!(
+            answer
+                .to_ascii_lowercase()
+                .contains("\r\nconnection: close\r\n"),
+            "{what}: the answer says it closes: {answer:?}"
+        );
+        assert!(closed, "{what}: connection left open");
+    }
+    assert_eq!(backend.hits(), 0, "a refused request reached the backend");
+    assert!(backend.state.recorded.lock().unwrap().is_empty());
+    // The balancer serves on.
+    assert_eq!(Http::new(addr).get("/").await.status, StatusCode::OK);
+    assert_eq!(backend.hits(), 1);
+}
+
+/// A raw backend that answers every request `200` with the number of
+/// header fields it received as the body; counts the requests.
+async fn field_counting_backend() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let requests = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&requests);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let counter = Arc::clone(&counter);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 16384];
+                loop {
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                        buf.drain(..end + 4);
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        let fields = head.lines().count() - 1;
+                        let body = fields.to_string();
+                        let answer = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if stream.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    (addr, requests)
+}
+
+#[tokio::test]
+async fn more_than_100_header_fields_get_431_and_100_are_forwarded() {
+    let (backend, requests) = field_counting_backend().await;
+    let config =
+        rust_load_balancer::Config::new("127.0.0.1:0".parse().unwrap(), &[&backend.to_string()]);
+    let proxy = start_proxy(config).await;
+    // `fields` header fields in all, Host included; a few bytes each, far
+    // under the size limit.
+    let head = |fields: usize| {
+        let mut head = String::from("GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+        for i in 2..fields {
+            head.push_str(&format!("X-F{i}: v\r\n"));
+        }
+        head.push_str("\r\n");
+        head
+    };
+
+    let (answer, closed) = exchange(proxy.local_addr(), head(101).as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 431 "), "{answer:?}");
+    assert!(closed);
+    assert_eq!(requests.load(Ordering::SeqCst), 0, "it reached the backend");
+
+    // Exactly 100 are fine: the backend gets them without `Connection`,
+    // with the three X-Forwarded-* fields.
+    let (answer, _) = exchange(proxy.local_addr(), head(100).as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer:?}");
+    assert!(answer.ends_with("\r\n\r\n102"), "{answer:?}");
+    assert_eq!(requests.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_client_pausing_inside_its_body_past_request_timeout_gets_504_and_a_close() {
+    let backend = TestBackend::start("b").await;
+    let mut config = config_for(&[&backend]);
+    let request_timeout = Duration::from_millis(500);
+    config.clients.request_timeout = request_timeout;
+    let proxy = start_proxy(config).await;
+    let addr = proxy.local_addr();
+    // Several clients at once, each keep-alive (HTTP/1.1, no Connection
+    // field), announcing 10 bytes of body and sending 3.
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut stream = TcpStream::connect(addr).await.unwrap();
+                let started = Instant::now();
+                stream
+                    .write_all(b"POST /record HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+                    .await
+                    .unwrap();
+                let (answer, closed) = read_to_close(&mut stream, Duration::from_secs(10)).await;
+                (answer, closed, started.elapsed())
+            })
+        })
+        .collect();
+    for client in clients {
+        let (answer, closed, took) = client.await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 504 "), "{answer:?}");
+        assert!(
+            answer
+                .to_ascii_lowercase()
+                .contains("\r\nconnection: close\r\n"),
+            "{answer:?}"
+        );
+        assert_eq!(statuses(&answer).1, 1, "{answer:?}");
+        assert!(closed, "the connection stays open with a body half read");
+        assert!(
+            took >= request_timeout,
+            "answered before the pause reached request_timeout"
+        );
+    }
+    // The backend never got a whole body.
+    wait_until(
+        "the backend saw the requests",
+        Duration::from_secs(5),
+        || backend.hits() == 4,
+    )
+    .await;
+    let recorded = backend.state.recorded.lock().unwrap().clone();
+    assert!(recorded.iter().all(|body| body.len() < 10), "{recorded:?}");
+}
+
+#[tokio::test]
+async fn an_upload_that_never_pauses_for_request_timeout_is_not_cut_however_long_it_takes() {
+    // README: request_timeout is the time a backend has to start answering
+    // a sent request, and the longest pause allowed in a body. An upload
+    // whose pauses are each a fifth of it, but which takes three times as
+    // long in all, is neither.
+    let backend = TestBackend::start("b").await;
+    let mut config = config_for(&[&backend]);
+    let request_timeout = Duration::from_millis(1000);
+    config.clients.request_timeout = request_timeout;
+    let proxy = start_proxy(config).await;
+    let mut stream = TcpStream::connect(proxy.local_addr()).await.unwrap();
+    let pieces = 15;
+    let started = Instant::now();
+    stream
+        .write_all(
+            format!("POST /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {pieces}\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    for _ in 0..pieces {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if stream.write_all(b"x").await.is_err() {
+            break;
+        }
+    }
+    let sending_took = started.elapsed();
+    let (answer, _) = read_to_close(&mut stream, Duration::from_secs(10)).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 200 "),
+        "a steady upload was cut after {sending_took:?}: {answer:?}"
+    );
+    assert!(sending_took >= 2 * request_timeout);
+    assert!(answer.ends_with(&"x".repeat(pieces)), "{answer:?}");
 }

@@ -4,12 +4,16 @@
 mod support;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use support::{config_for, start_proxy, Http, TestBackend};
+use support::{config_for, start_proxy, wait_until, Http, TestBackend};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 #[tokio::test]
 async fn round_robin_is_exact_over_three_backends() {
@@ -210,4 +214,285 @@ async fn one_worker_thread_serves_too() {
         assert_eq!(http.get("/").await.status, StatusCode::OK);
     }
     assert_eq!((backends[0].hits(), backends[1].hits()), (5, 5));
+}
+
+#[tokio::test]
+async fn proxy_connection_trailer_and_the_other_hop_by_hop_request_fields_stay_on_their_hop() {
+    let backend = TestBackend::start("h").await;
+    let proxy = start_proxy(config_for(&[&backend])).await;
+    // Raw bytes, so that no client library adds or drops a field.
+    let mut stream = TcpStream::connect(proxy.local_addr()).await.unwrap();
+    stream
+        .write_all(
+            b"POST /record HTTP/1.1\r\nHost: x\r\nProxy-Connection: keep-alive\r\n\
+              Trailer: X-Checksum\r\nTE: trailers\r\nKeep-Alive: timeout=5\r\n\
+              Upgrade: websocket\r\nProxy-Authorization: Basic Zm9vOmJhcg==\r\n\
+              X-Before: 1\r\nTransfer-Encoding: chunked\r\nX-After: 2\r\nConnection: close\r\n\r\n\
+              4\r\nbody\r\n0\r\nX-Checksum: abc\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+        .await
+        .expect("answered and closed")
+        .unwrap();
+    assert!(answer.starts_with(b"HTTP/1.1 200 "), "{answer:?}");
+
+    let seen: HashMap<String, String> = backend
+        .state
+        .last_headers
+        .lock()
+        .unwrap()
+        .iter()
+        .cloned()
+        .collect();
+    for hop in [
+        "proxy-connection",
+        "trailer",
+        "te",
+        "keep-alive",
+        "upgrade",
+        "proxy-authorization",
+        "connection",
+        "x-checksum",
+    ] {
+        assert!(
+            !seen.contains_key(hop),
+            "{hop} reached the backend: {seen:?}"
+        );
+    }
+    // The end-to-end fields around them are kept, and the body arrives
+    // whole in this hop's own framing.
+    assert_eq!(seen["x-before"], "1");
+    assert_eq!(seen["x-after"], "2");
+    assert_eq!(seen["transfer-encoding"], "chunked");
+    assert_eq!(
+        backend.state.recorded.lock().unwrap()[..],
+        [Bytes::from("body")]
+    );
+}
+
+/// A listening socket whose accept queue is full (backlog 0, one connection
+/// queued and never accepted): the kernel drops further SYNs, so a connect
+/// to it neither succeeds nor is refused: it hangs, as to a black-holed
+/// address.
+struct Unreachable {
+    address: String,
+    _listener: tokio::net::TcpListener,
+    _queued: Vec<TcpStream>,
+}
+
+impl Unreachable {
+    async fn start() -> Unreachable {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut queued = Vec::new();
+        // Connect until one hangs: the queue is full.
+        for _ in 0..8 {
+            match tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr)).await {
+                Ok(Ok(stream)) => queued.push(stream),
+                Ok(Err(error)) => panic!("a connect to the full queue failed: {error}"),
+                Err(_) => {
+                    return Unreachable {
+                        address: addr.to_string(),
+                        _listener: listener,
+                        _queued: queued,
+                    }
+                }
+            }
+        }
+        panic!("the accept queue never filled");
+    }
+}
+
+#[tokio::test]
+async fn a_connect_that_hangs_fails_after_connect_timeout_with_502_or_is_retried_elsewhere() {
+    let hole = Unreachable::start().await;
+    let connect_timeout = Duration::from_millis(400);
+    let configure = |addresses: &[&str]| {
+        let mut config = rust_load_balancer::Config::new("127.0.0.1:0".parse().unwrap(), addresses);
+        config.connect_timeout = connect_timeout;
+        // Active checks out of the way: one round at start-up only.
+        config.health.interval = Duration::from_secs(60);
+        config
+    };
+
+    // Alone: 502, after waiting the connect timeout.
+    let proxy = start_proxy(configure(&[&hole.address])).await;
+    let started = Instant::now();
+    let answer = Http::new(proxy.local_addr()).get("/").await;
+    let took = started.elapsed();
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY, "{}", answer.text());
+    assert!(took >= connect_timeout, "gave up after {took:?}");
+    let metrics = proxy.metrics().encode(proxy.state().pool());
+    assert!(
+        metrics.contains(&format!(
+            "lb_upstream_errors_total{{backend=\"{}\",kind=\"connect\"}} 1",
+            hole.address
+        )),
+        "{metrics}"
+    );
+
+    // Beside a good backend: round robin tries the black hole first (the
+    // wait shows it), then the request, a POST with a body even, is
+    // retried on the good one.
+    let good = TestBackend::start("good").await;
+    let proxy = start_proxy(configure(&[&hole.address, &good.address()])).await;
+    let started = Instant::now();
+    let answer = Http::new(proxy.local_addr()).post("/record", "once").await;
+    let took = started.elapsed();
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.text(), "good");
+    assert!(
+        took >= connect_timeout,
+        "the black hole was not tried first"
+    );
+    assert_eq!(
+        good.state.recorded.lock().unwrap()[..],
+        [Bytes::from("once")]
+    );
+    let metrics = proxy.metrics().encode(proxy.state().pool());
+    assert!(
+        metrics.contains(&format!(
+            "lb_retries_total{{backend=\"{}\"}} 1",
+            hole.address
+        )),
+        "{metrics}"
+    );
+}
+
+/// A raw backend answering every request `200 ok`, counting the
+/// connections that carried a request and those of them still open.
+struct CountingBackend {
+    address: String,
+    carried: Arc<AtomicUsize>,
+    open: Arc<AtomicUsize>,
+}
+
+impl CountingBackend {
+    async fn start() -> CountingBackend {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let carried = Arc::new(AtomicUsize::new(0));
+        let open = Arc::new(AtomicUsize::new(0));
+        let (c, o) = (Arc::clone(&carried), Arc::clone(&open));
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let (carried, open) = (Arc::clone(&c), Arc::clone(&o));
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    let mut first = true;
+                    loop {
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            buf.drain(..end + 4);
+                            if std::mem::take(&mut first) {
+                                carried.fetch_add(1, Ordering::SeqCst);
+                                open.fetch_add(1, Ordering::SeqCst);
+                            }
+                            let _ = stream
+                                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                                .await;
+                        }
+                    }
+                    if !first {
+                        open.fetch_sub(1, Ordering::SeqCst);
+                    }
+                });
+            }
+        });
+        CountingBackend {
+            address,
+            carried,
+            open,
+        }
+    }
+
+    fn carried(&self) -> usize {
+        self.carried.load(Ordering::SeqCst)
+    }
+
+    fn open(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
+    }
+}
+
+#[tokio::test]
+async fn upstream_keepalive_0_uses_a_new_backend_connection_per_request_and_closes_it() {
+    let pooled = CountingBackend::start().await;
+    let unpooled = CountingBackend::start().await;
+    let proxy_for = |backend: &CountingBackend, keepalive: usize| {
+        let mut config =
+            rust_load_balancer::Config::new("127.0.0.1:0".parse().unwrap(), &[&backend.address]);
+        config.tuning.upstream_keepalive = keepalive;
+        config.tuning.worker_threads = 1;
+        config
+    };
+    let with_pool = start_proxy(proxy_for(&pooled, 1)).await;
+    let without = start_proxy(proxy_for(&unpooled, 0)).await;
+    let (with_pool, without) = (
+        Http::new(with_pool.local_addr()),
+        Http::new(without.local_addr()),
+    );
+    for _ in 0..10 {
+        assert_eq!(with_pool.get("/").await.text(), "ok");
+        assert_eq!(without.get("/").await.text(), "ok");
+    }
+    assert_eq!(pooled.carried(), 1, "a pool of one carries them all");
+    assert_eq!(pooled.open(), 1);
+    assert_eq!(unpooled.carried(), 10, "one connection per request");
+    wait_until(
+        "every unpooled connection closed",
+        Duration::from_secs(5),
+        || unpooled.open() == 0,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_idle_backend_connection_is_closed_after_upstream_idle_timeout() {
+    let short = CountingBackend::start().await;
+    let long = CountingBackend::start().await;
+    let idle_timeout = Duration::from_millis(1000);
+    let proxy_for = |backend: &CountingBackend, idle: Duration| {
+        let mut config =
+            rust_load_balancer::Config::new("127.0.0.1:0".parse().unwrap(), &[&backend.address]);
+        config.tuning.upstream_idle_timeout = idle;
+        config.tuning.worker_threads = 1;
+        config
+    };
+    let short_proxy = start_proxy(proxy_for(&short, idle_timeout)).await;
+    let long_proxy = start_proxy(proxy_for(&long, Duration::from_secs(60))).await;
+    let (to_short, to_long) = (
+        Http::new(short_proxy.local_addr()),
+        Http::new(long_proxy.local_addr()),
+    );
+    let started = Instant::now();
+    assert_eq!(to_short.get("/").await.text(), "ok");
+    assert_eq!(to_long.get("/").await.text(), "ok");
+    assert_eq!((short.open(), long.open()), (1, 1), "both pooled");
+
+    // The short one's idle connection is closed by the balancer, not
+    // before its timeout; the long one's, idle as long, stays.
+    wait_until(
+        "the idle connection closed",
+        Duration::from_secs(10),
+        || short.open() == 0,
+    )
+    .await;
+    assert!(started.elapsed() >= idle_timeout, "closed early");
+    assert_eq!(long.open(), 1, "the 60 s pool dropped its connection too");
+
+    // The next request needs a new connection; the other reuses its own.
+    assert_eq!(to_short.get("/").await.text(), "ok");
+    assert_eq!(to_long.get("/").await.text(), "ok");
+    assert_eq!(short.carried(), 2);
+    assert_eq!(long.carried(), 1);
 }
