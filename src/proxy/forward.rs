@@ -60,11 +60,10 @@ pub(super) async fn forward(
 
         let guard = backend.track();
         let sent = Instant::now();
-        let answer = tokio::time::timeout(
-            state.config().clients.request_timeout,
-            upstream::send(backend.address(), head, body, limits),
-        )
-        .await;
+        // Connecting has connect_timeout, the backend's answer
+        // request_timeout from when the request is sent, and each pause in
+        // a body either way request_timeout (see upstream::exchange).
+        let answer = upstream::send(backend.address(), head, body, limits).await;
         let outcome = |status: Option<u16>, failure: Option<Failure>| Outcome {
             backend_id: backend.id(),
             status,
@@ -73,9 +72,17 @@ pub(super) async fn forward(
             attempt,
             request_id: facts.id(),
         };
-        let answer = match answer {
-            Ok(answer) => answer,
-            Err(_) => {
+        match answer {
+            Ok(response) => {
+                state.record(
+                    metrics,
+                    backend,
+                    &outcome(Some(response.head.status), None),
+                    false,
+                );
+                return Ok((response, guard));
+            }
+            Err(UpstreamError::Timeout(timeout)) => {
                 // Sent, and no answer: not safe to send again, and the
                 // backend is struggling.
                 drop(guard);
@@ -89,27 +96,22 @@ pub(super) async fn forward(
                     backend = backend.address(),
                     method = %head.method,
                     path = head.target(),
-                    "upstream request failed: no response within request_timeout ({:?})",
-                    state.config().clients.request_timeout
+                    "upstream request failed: no response within request_timeout ({timeout:?})"
                 );
                 return Err(ProxyError::Timeout);
             }
-        };
-        match answer {
-            Ok(response) => {
-                state.record(
-                    metrics,
-                    backend,
-                    &outcome(Some(response.head.status), None),
-                    false,
-                );
-                return Ok((response, guard));
-            }
             Err(UpstreamError::Client(error)) => {
-                // The client's fault, not the backend's: no outcome.
+                // The client's fault, not the backend's: no outcome. A
+                // client that paused in its body longer than
+                // request_timeout gets 504, as a backend pausing in its
+                // answer would; one that broke its framing, 400.
                 drop(guard);
                 tracing::debug!("request body from the client failed: {error}");
-                return Err(ProxyError::BadRequest);
+                return Err(if error.kind() == std::io::ErrorKind::TimedOut {
+                    ProxyError::Timeout
+                } else {
+                    ProxyError::BadRequest
+                });
             }
             Err(error) => {
                 drop(guard);

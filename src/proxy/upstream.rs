@@ -41,9 +41,13 @@ pub enum UpstreamError {
     #[error("invalid response: {0}")]
     Invalid(&'static str),
     /// The client's request body could not be read (it broke the framing
-    /// it announced, or went away).
+    /// it announced, paused longer than `request_timeout`, or went away).
     #[error("reading the client's body: {0}")]
     Client(io::Error),
+    /// The request was sent and no response head came within
+    /// `request_timeout`.
+    #[error("no response within request_timeout ({0:?})")]
+    Timeout(Duration),
 }
 
 impl UpstreamError {
@@ -154,7 +158,8 @@ pub fn sweep(idle_timeout: Duration) {
 pub struct Limits {
     /// Time to connect.
     pub connect_timeout: Duration,
-    /// Longest wait for a backend's next bytes once the request is sent.
+    /// How long a backend has to start answering once the request is sent,
+    /// and the longest pause allowed in a body, either way.
     pub read_timeout: Duration,
     /// Socket and pool settings.
     pub tuning: Tuning,
@@ -247,38 +252,53 @@ async fn exchange(
     } = &mut connection;
     let stream: &TcpStream = stream;
     let reused = *reused;
-    if let Err(error) = write_all(stream, &parts, None).await {
+    let stall = Some(limits.read_timeout);
+    if let Err(error) = write_all(stream, &parts, stall).await {
         return Err(stale_or(reused, error));
     }
-    let mut request_done = body.is_done();
-    let response = if request_done {
-        read_head(stream, buf, reused, head_request).await?
-    } else {
-        // The body is written while the head is awaited: a backend may
-        // answer (413, say) before reading all of it.
+    // The body is written while the head is awaited: a backend may answer
+    // (413, say) before reading all of it. Its time to answer,
+    // request_timeout, runs from when the request has been sent (or the
+    // sending stopped); while the body goes out, each write and each read
+    // of the client's body has that long, so a long upload is cut only by
+    // a pause.
+    let (response, request_done) = {
+        let mut request_done = body.is_done();
         let chunked = matches!(head.framing, Framing::Chunked(_));
-        let write = send_body(stream, body, chunked);
+        let write = send_body(stream, body, chunked, stall);
         let read = read_head(stream, buf, reused, head_request);
-        tokio::pin!(write, read);
+        let answer_by = tokio::time::sleep(limits.read_timeout);
+        tokio::pin!(write, read, answer_by);
         let mut write_error = None;
         let response = loop {
+            let sending = !request_done && write_error.is_none();
             tokio::select! {
-                written = &mut write, if !request_done && write_error.is_none() => match written {
-                    Ok(()) => request_done = true,
-                    // The client's body broke: nothing more will come.
-                    Err(error @ UpstreamError::Client(_)) => return Err(error),
-                    // The backend stopped reading: it may have answered
-                    // already (413, say), so the head is still awaited.
-                    Err(error) => write_error = Some(error),
+                written = &mut write, if sending => {
+                    match written {
+                        Ok(()) => request_done = true,
+                        // The client's body broke or stalled: nothing more
+                        // will come.
+                        Err(error @ UpstreamError::Client(_)) => return Err(error),
+                        // The backend stopped reading: it may have answered
+                        // already (413, say), so the head is still awaited.
+                        Err(error) => write_error = Some(error),
+                    }
+                    answer_by
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + limits.read_timeout);
                 },
                 response = &mut read => break response,
+                () = &mut answer_by, if !sending => {
+                    return Err(write_error.unwrap_or(UpstreamError::Timeout(limits.read_timeout)))
+                }
             }
         };
-        match (response, write_error) {
+        let response = match (response, write_error) {
             (Ok(response), _) => response,
             (Err(_), Some(error)) => return Err(error),
             (Err(error), None) => return Err(error),
-        }
+        };
+        (response, request_done)
     };
     // What remains of an unsent body cannot be sent later: the connection
     // is not reused.
@@ -317,14 +337,18 @@ async fn send_body(
     stream: &TcpStream,
     body: &mut ClientBody<'_>,
     chunked: bool,
+    stall: Option<Duration>,
 ) -> Result<(), UpstreamError> {
+    if body.is_done() {
+        return Ok(());
+    }
     while let Some(data) = body.next().await.map_err(UpstreamError::Client)? {
-        http1::write_body(stream, &data, chunked, None)
+        http1::write_body(stream, &data, chunked, stall)
             .await
             .map_err(UpstreamError::Io)?;
     }
     if chunked {
-        write_all(stream, &[LAST_CHUNK], None)
+        write_all(stream, &[LAST_CHUNK], stall)
             .await
             .map_err(UpstreamError::Io)?;
     }
