@@ -478,6 +478,38 @@ mod tests {
     }
 
     #[test]
+    fn every_fault_kind_is_counted_under_its_label_and_served_by_round_robin() {
+        // Instantiate and configure faults come from rebuilding an
+        // instance: no module input causes the first after a module has
+        // loaded (it is for the host failing to create an instance), so it
+        // is pinned here with a double.
+        let faults = [
+            (StrategyError::Trap("t".into()), "trap"),
+            (StrategyError::OutOfFuel, "out_of_fuel"),
+            (StrategyError::Timeout, "timeout"),
+            (StrategyError::Memory, "memory"),
+            (StrategyError::BadIndex { index: 9, len: 2 }, "bad_index"),
+            (StrategyError::Instantiate("no".into()), "instantiate"),
+            (StrategyError::Configure("no".into()), "configure"),
+        ];
+        for (fault, label) in faults {
+            let kind = fault.kind();
+            let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let hook_seen = Arc::clone(&seen);
+            let b = Balancer::new(Arc::new(Fixed(Err(fault))))
+                .on_fault(Box::new(move |k| hook_seen.lock().unwrap().push(k)));
+            assert_eq!(
+                b.select(&REQUEST, &views(2)),
+                Decision::Backend(0),
+                "{label}"
+            );
+            assert_eq!(kind.as_str(), label);
+            assert_eq!(b.faults(kind), 1, "{label}");
+            assert_eq!(*seen.lock().unwrap(), [kind], "{label}");
+        }
+    }
+
+    #[test]
     fn out_of_range_is_a_fault_served_by_round_robin() {
         let b = Balancer::new(Arc::new(Fixed(Ok(Some(3)))));
         assert_eq!(b.select(&REQUEST, &views(3)), Decision::Backend(0));
