@@ -157,6 +157,11 @@ async fn alpn_negotiates_http_1_1() {
     let mut client = TlsHttp::connect(site.tls, "site.test", config).await;
     assert_eq!(client.alpn.as_deref(), Some(&b"http/1.1"[..]));
     assert_eq!(client.get("/").await.text(), "alpn");
+    // A client that offers no ALPN at all is served too.
+    let config = client_config_with(&site.ca, rustls::ALL_VERSIONS, &[]);
+    let mut client = TlsHttp::connect(site.tls, "site.test", config).await;
+    assert_eq!(client.alpn, None);
+    assert_eq!(client.get("/").await.text(), "alpn");
 }
 
 #[tokio::test]
