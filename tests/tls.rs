@@ -578,9 +578,12 @@ async fn upstream(dir: &Path, backend: Value, ca: &TestCa, extra: Value) -> Bina
     ca.write(dir, "upstream-ca.pem");
     let mut extra = extra;
     extra["upstream_ca_file"] = json!("upstream-ca.pem");
-    // Failures must show as 502s here, never as a backend taken out.
+    // Failures must show as 502s here, never as a backend taken out; and
+    // one attempt per request, unless `extra` says otherwise.
     extra["unhealthy_threshold"] = json!(1000);
-    extra["max_retries"] = json!(0);
+    if extra.get("max_retries").is_none() {
+        extra["max_retries"] = json!(0);
+    }
     let path = write_config(dir, &config(json!([backend]), extra));
     Binary::spawn(&path, &[]).await
 }
@@ -674,6 +677,24 @@ async fn an_https_backend_signed_by_another_ca_is_a_502_naming_the_backend() {
     assert_eq!(backend.hits(), 0, "a request went to an unverified backend");
     let line = wait_for_tls_failure_line(&binary, &backend.address()).await;
     assert!(!line.contains("panicked"), "{line}");
+}
+
+#[tokio::test]
+async fn an_unverifiable_https_backend_is_logged_with_the_default_max_retries() {
+    // The default max_retries (2) with one backend: the failed attempt
+    // may be retried, but there is no other backend, so the client gets
+    // the failure, and the log must still say which backend and why.
+    let trusted = TestCa::new("trusted CA");
+    let stranger = TestCa::new("stranger CA");
+    let backend = TlsBackend::start("untrusted", &stranger.leaf(&["backend.test"])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let entry =
+        json!({"address": backend.address(), "tls": true, "tls_server_name": "backend.test"});
+    let binary = upstream(dir.path(), entry, &trusted, json!({"max_retries": 2})).await;
+    let answer = Http::new(binary.addr().unwrap()).get("/").await;
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY, "{}", answer.text());
+    assert_eq!(backend.hits(), 0);
+    wait_for_tls_failure_line(&binary, &backend.address()).await;
 }
 
 #[tokio::test]
