@@ -865,6 +865,34 @@ async fn plain_http_garbage_and_stalled_handshakes_are_cut_off_at_the_tls_port()
     }
     assert_eq!(backend.hits(), 0, "a request reached the backend");
 
+    // After a complete handshake the head has client_header_timeout as
+    // well: nothing at all, or half a head, and the connection is closed.
+    for (what, bytes) in [
+        ("a silent TLS client", &b""[..]),
+        ("half a head over TLS", &b"GET / HTTP/1.1\r\nHost: site"[..]),
+    ] {
+        let mut stream = support::tls::connect(site.tls, "site.test", client_config(&site.ca))
+            .await
+            .expect("a handshake");
+        stream.write_all(bytes).await.unwrap();
+        stream.flush().await.unwrap();
+        let closed = tokio::time::timeout(Duration::from_secs(8), async {
+            let mut chunk = [0u8; 1024];
+            let mut received = Vec::new();
+            while let Ok(n) = stream.read(&mut chunk).await {
+                if n == 0 {
+                    break;
+                }
+                received.extend_from_slice(&chunk[..n]);
+            }
+            received
+        })
+        .await;
+        // A 408 before the close would do too; a request would not.
+        assert!(closed.is_ok(), "{what}: still open after 8 s");
+    }
+    assert_eq!(backend.hits(), 0, "a request reached the backend");
+
     // The port still serves TLS clients.
     let mut client = site.client().await;
     assert_eq!(client.get("/").await.text(), "guarded");

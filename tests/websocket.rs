@@ -263,7 +263,8 @@ struct WsState {
 /// A real HTTP/1.1 + WebSocket server on 127.0.0.1. Paths:
 /// - `/ws...` with `Upgrade: websocket`: `101`, then a WebSocket echo
 ///   (`tick N MS` sends N messages MS apart; `silent` stops echoing until
-///   `loud`; `bye` closes from the backend's side);
+///   `loud`; `bye` closes from the backend's side); `/ws/greet...` sends
+///   `welcome` first, in the same write as the `101`;
 /// - `/refuse/400`, `/refuse/426`: that status with a body, keep-alive;
 /// - anything else: `200` with body `plain PATH`, keep-alive, even if an
 ///   upgrade was asked for.
@@ -363,11 +364,19 @@ async fn serve_ws_backend(mut stream: TcpStream, state: Arc<WsState>) {
                 "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
                 derive_accept_key(key.as_bytes())
             );
-            if stream.write_all(head.as_bytes()).await.is_err() {
+            let mut ws = Ws::server(stream, std::mem::take(&mut buf));
+            let mut bytes = head.into_bytes();
+            if seen.path.starts_with("/ws/greet") {
+                // A greeting in the same write as the 101: the balancer
+                // must pass on what follows the head it reads.
+                ws.ws.send(Message::text("welcome")).unwrap();
+                bytes.append(&mut ws.ws.get_mut().outgoing);
+            }
+            if ws.io.write_all(&bytes).await.is_err() {
                 return;
             }
             state.upgrades.fetch_add(1, Ordering::SeqCst);
-            echo(Ws::server(stream, std::mem::take(&mut buf))).await;
+            echo(ws).await;
             state.ended.fetch_add(1, Ordering::SeqCst);
             return;
         }
@@ -640,6 +649,45 @@ impl Raw {
         tokio::time::timeout(Duration::from_secs(10), self.response())
             .await
             .expect("a response within 10 s")
+    }
+
+    /// Sends a raw upgrade request head and reads the answer's head; on
+    /// a `101`, what follows is WebSocket (client side), with any bytes
+    /// that came behind the head.
+    async fn upgrade(mut self, head: &str) -> (u16, Vec<(String, String)>, Ws<TcpStream>) {
+        self.stream.write_all(head.as_bytes()).await.unwrap();
+        let (status, headers) = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let mut slots = [httparse::EMPTY_HEADER; 64];
+                    let mut response = httparse::Response::new(&mut slots);
+                    response
+                        .parse(&self.buf[..end + 4])
+                        .expect("a response head");
+                    let status = response.code.unwrap();
+                    let headers: Vec<(String, String)> = response
+                        .headers
+                        .iter()
+                        .map(|h| {
+                            (
+                                h.name.to_ascii_lowercase(),
+                                String::from_utf8_lossy(h.value).into_owned(),
+                            )
+                        })
+                        .collect();
+                    self.buf.drain(..end + 4);
+                    return (status, headers);
+                }
+                self.fill().await;
+            }
+        })
+        .await
+        .expect("an answer within 10 s");
+        let ws = Ws {
+            io: self.stream,
+            ws: WebSocket::from_partially_read(Pipe::default(), self.buf, Role::Client, None),
+        };
+        (status, headers, ws)
     }
 
     async fn response(&mut self) -> (u16, Vec<(String, String)>, String) {
@@ -972,4 +1020,44 @@ async fn a_tunnel_the_backend_closes_ends_and_stops_counting() {
     // ... and the tunnel is over: one side closing ends it, even while
     // this client has not closed its socket yet.
     wait_for_counts(&admin, &address, 0, "after the backend closed it").await;
+}
+
+#[tokio::test]
+async fn an_upgrade_among_other_connection_tokens_is_forwarded() {
+    // As browsers send it: `Connection: keep-alive, Upgrade`, and the
+    // token's case is free.
+    let backend = WsBackend::start().await;
+    let lb = Lb::start(&[backend.address()], json!({})).await;
+    let key = "dGhlIHNhbXBsZSBub25jZQ==";
+    let head = format!(
+        "GET /ws/tokens HTTP/1.1\r\nHost: site.test\r\nConnection: keep-alive, Upgrade\r\nUpgrade: WebSocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n\r\n"
+    );
+    let (status, headers, mut ws) = Raw::connect(lb.plain).await.upgrade(&head).await;
+    assert_eq!(status, 101, "{headers:?}");
+    let accept = headers
+        .iter()
+        .find(|(k, _)| k == "sec-websocket-accept")
+        .map(|(_, v)| v.clone());
+    assert_eq!(accept, Some(derive_accept_key(key.as_bytes())));
+    ws.echo("through a listed upgrade").await;
+    let seen = backend.seen("/ws/tokens");
+    assert_eq!(seen.len(), 1);
+    assert!(seen[0].connection_has("upgrade"), "{seen:?}");
+    assert!(
+        seen[0]
+            .header("upgrade")
+            .is_some_and(|u| u.eq_ignore_ascii_case("websocket")),
+        "{seen:?}"
+    );
+    ws.close().await;
+}
+
+#[tokio::test]
+async fn a_greeting_behind_the_101_reaches_the_client() {
+    let backend = WsBackend::start().await;
+    let lb = Lb::start(&[backend.address()], json!({})).await;
+    let mut ws = lb.ws("/ws/greet").await;
+    assert_eq!(ws.expect("the greeting").await, Message::text("welcome"));
+    ws.echo("and then").await;
+    ws.close().await;
 }
