@@ -734,6 +734,31 @@ async fn tls_backend_connections_are_pooled() {
 }
 
 #[tokio::test]
+async fn a_pooled_tls_connection_the_backend_closed_is_replaced() {
+    let ca = TestCa::new("backend CA");
+    let backend = TlsBackend::start("renewed", &ca.leaf(&["backend.test"])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let entry =
+        json!({"address": backend.address(), "tls": true, "tls_server_name": "backend.test"});
+    // No retries on other backends: only noticing the closed connection
+    // (or resending on a fresh one) saves the next request.
+    let binary = upstream(dir.path(), entry, &ca, json!({"worker_threads": 1})).await;
+    let http = Http::new(binary.addr().unwrap());
+    assert_eq!(http.get("/kept").await.status, StatusCode::OK);
+    assert_eq!(backend.connections_for("/kept"), 1);
+
+    // The backend ends its idle connections, as servers do.
+    backend.drop_connections();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for _ in 0..3 {
+        let answer = http.get("/kept").await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", binary.log());
+    }
+    assert_eq!(backend.hits(), 4);
+    assert_eq!(backend.connections_for("/kept"), 2);
+}
+
+#[tokio::test]
 async fn health_checks_of_a_tls_backend_speak_tls_and_verify_it() {
     let ca = TestCa::new("backend CA");
     let stranger = TestCa::new("stranger CA");

@@ -394,6 +394,9 @@ pub struct TlsBackendState {
     pub server_names: Mutex<Vec<Option<String>>>,
     /// Headers of the last request.
     pub last_headers: Mutex<Vec<(String, String)>>,
+    /// Wakes every open connection to drop it (see
+    /// [`TlsBackend::drop_connections`]).
+    kick: tokio::sync::Notify,
 }
 
 /// An HTTPS/1.1 server on 127.0.0.1 serving one leaf certificate; answers
@@ -449,6 +452,12 @@ impl TlsBackend {
         requests.iter().map(|(_, p)| p.clone()).collect()
     }
 
+    /// Closes every open connection (a TLS `close_notify` and a FIN), as a
+    /// backend ending idle keep-alive connections does; keeps listening.
+    pub fn drop_connections(&self) {
+        self.state.kick.notify_waiters();
+    }
+
     /// How many distinct connections carried a request for `path`.
     pub fn connections_for(&self, path: &str) -> usize {
         let requests = self.state.requests.lock().unwrap();
@@ -490,6 +499,7 @@ async fn tls_accept_loop(
                 return;
             };
             state.handshakes.fetch_add(1, Ordering::SeqCst);
+            let kick_state = Arc::clone(&state);
             let sni = tls.get_ref().1.server_name().map(str::to_string);
             state.server_names.lock().unwrap().push(sni);
             let service = service_fn(move |request: Request<hyper::body::Incoming>| {
@@ -516,9 +526,19 @@ async fn tls_accept_loop(
                     Ok::<_, std::convert::Infallible>(response)
                 }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tls), service)
-                .await;
+            let kicked = Arc::clone(&kick_state);
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tls), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                () = kicked.kick.notified() => {
+                    // Ends the connection the way a server does: finish
+                    // what is in flight, then close_notify and FIN.
+                    connection.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(5), connection).await;
+                }
+            }
         });
         while connections.try_join_next().is_some() {}
     }
