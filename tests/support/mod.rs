@@ -23,6 +23,8 @@ use rust_load_balancer::{Config, Proxy};
 use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 
+pub mod tls;
+
 /// A path inside the repo's committed plugin outputs.
 pub fn dist(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -544,6 +546,12 @@ impl Binary {
     /// Where its admin API listens, from its log (`admin API on http://ADDR`).
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         logged_address(&self.log(), "admin API on http://", ' ')
+    }
+
+    /// Where its TLS listener listens, from its log (`TLS listener on
+    /// https://ADDR ...`).
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        logged_address(&self.log(), "TLS listener on https://", ' ')
     }
 
     /// The lines a strategy module logged, each parsed as JSON, in order
