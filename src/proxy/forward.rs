@@ -38,6 +38,9 @@ pub(super) async fn forward(
     let metrics = shared.metrics();
     let facts = RequestFacts::new(state, head, client.ip(), client.text());
     let mut tried: Vec<u32> = Vec::new();
+    // Why the last attempt failed, for the log line if no backend is left
+    // to retry on.
+    let mut last_failure: Option<(&str, String)> = None;
 
     loop {
         let attempt = tried.len() as u32;
@@ -45,7 +48,17 @@ pub(super) async fn forward(
             Pick::Backend(backend) => backend,
             // Every other backend is out: the answer is the failure of the
             // attempt already made, not an outage.
-            Pick::NoneEligible if !tried.is_empty() => return Err(ProxyError::Upstream),
+            Pick::NoneEligible if !tried.is_empty() => {
+                if let Some((address, reason)) = last_failure {
+                    tracing::warn!(
+                        backend = address,
+                        method = %head.method,
+                        path = head.target(),
+                        "upstream request failed, no other backend to retry on: {reason}"
+                    );
+                }
+                return Err(ProxyError::Upstream);
+            }
             Pick::NoneEligible => {
                 shared.generations.log_outage();
                 return Err(ProxyError::NoHealthyBackend);
@@ -134,6 +147,7 @@ pub(super) async fn forward(
                         backend = backend.address(),
                         "retrying on another backend after: {reason}"
                     );
+                    last_failure = Some((backend.address(), reason));
                     continue;
                 }
                 tracing::warn!(

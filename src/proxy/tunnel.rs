@@ -1,13 +1,16 @@
 //! Upgraded connections: once a backend has answered a WebSocket handshake
 //! with `101`, the client's connection and the backend's carry bytes both
-//! ways, unread and unchanged, until both sides have finished or
+//! ways, unread and unchanged, until either side closes or
 //! `tunnel_idle_timeout` passes with no byte either way.
 //!
 //! Each direction copies through its own buffer. When one side ends its
-//! stream, the other side's writing direction is shut (a FIN, after a TLS
-//! `close_notify`), and the opposite direction goes on until it ends too:
-//! a WebSocket close handshake in flight completes. Plain and TLS streams
-//! on either side, as [`Stream`] makes them all alike.
+//! stream, what it sent before is delivered, the other side's writing
+//! direction is shut (a FIN, after a TLS `close_notify`) and the tunnel
+//! ends: both connections close, as NGINX does. A WebSocket peer closes
+//! its connection only after the close handshake, so nothing of it is cut;
+//! and a peer that ignores the end cannot hold the backend's connection
+//! (and its place in the active count) open. Plain and TLS streams on
+//! either side, as [`Stream`] makes them all alike.
 
 use std::future::poll_fn;
 use std::io::{self, IoSlice};
@@ -22,7 +25,7 @@ use crate::transport::{Stream, READ_CHUNK};
 /// How a tunnel ended.
 #[derive(Debug)]
 pub(super) enum TunnelEnd {
-    /// Both sides finished.
+    /// One side ended its stream, and what it had sent was delivered.
     Closed,
     /// No byte either way for `tunnel_idle_timeout`.
     Idle,
@@ -57,7 +60,7 @@ pub(super) async fn run(
         tokio::select! {
             moved = moved => match moved {
                 Err(error) => return TunnelEnd::Failed(error),
-                Ok(()) if up.finished() && down.finished() => return TunnelEnd::Closed,
+                Ok(()) if up.finished() || down.finished() => return TunnelEnd::Closed,
                 Ok(()) => deadline.as_mut().reset(Instant::now() + idle),
             },
             () = &mut deadline => return TunnelEnd::Idle,
