@@ -7,13 +7,13 @@
 mod support;
 
 use std::future::Future;
-use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::{SinkExt, StreamExt};
 use http::StatusCode;
 use serde_json::{json, Value};
 use support::tls::{client_config, tls_addr, TestCa};
@@ -23,121 +23,42 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::handshake::HandshakeError;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocket};
+use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::WebSocketStream;
 
 // ---------------------------------------------------------------------------
-// A WebSocket endpoint over any async stream.
-//
-// tokio-tungstenite's `WebSocketStream` is driven through the `futures`
-// `Stream`/`Sink` traits, and no crate of this package's dependencies
-// exports them; so the tests drive tungstenite's own protocol engine (the
-// one `WebSocketStream` wraps) over an in-memory buffer, moving bytes
-// between that buffer and the socket with tokio. The framing, masking,
-// handshake checks (the `Sec-WebSocket-Accept` proof) and close handshake
-// are tungstenite's.
+// A WebSocket endpoint over any async stream: tokio-tungstenite's
+// `WebSocketStream`, with the few steps the tests need.
 // ---------------------------------------------------------------------------
-
-/// The bytes between tungstenite (sync, non-blocking) and the socket.
-#[derive(Default)]
-struct Pipe {
-    incoming: Vec<u8>,
-    read: usize,
-    outgoing: Vec<u8>,
-}
-
-impl Read for Pipe {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let available = &self.incoming[self.read..];
-        if available.is_empty() {
-            return Err(std::io::ErrorKind::WouldBlock.into());
-        }
-        let n = available.len().min(buf.len());
-        buf[..n].copy_from_slice(&available[..n]);
-        self.read += n;
-        if self.read == self.incoming.len() {
-            self.incoming.clear();
-            self.read = 0;
-        }
-        Ok(n)
-    }
-}
-
-impl Write for Pipe {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.outgoing.extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Writes what tungstenite queued to the socket.
-async fn pump_out(io: &mut (impl AsyncWrite + Unpin), pipe: &mut Pipe) -> std::io::Result<()> {
-    if !pipe.outgoing.is_empty() {
-        io.write_all(&pipe.outgoing).await?;
-        pipe.outgoing.clear();
-    }
-    io.flush().await
-}
-
-/// Reads what the socket has into tungstenite's input; 0 at end of stream.
-async fn pump_in(io: &mut (impl AsyncRead + Unpin), pipe: &mut Pipe) -> std::io::Result<usize> {
-    let mut chunk = [0u8; 16 * 1024];
-    let n = io.read(&mut chunk).await?;
-    pipe.incoming.extend_from_slice(&chunk[..n]);
-    Ok(n)
-}
 
 /// One end of a WebSocket connection.
 struct Ws<S> {
-    io: S,
-    ws: WebSocket<Pipe>,
+    ws: WebSocketStream<S>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Ws<S> {
     /// The client handshake for `path` over `io` (tungstenite's: a random
     /// key, the answer's accept proof checked); `Err` with the answer's
     /// status if the server did not switch protocols.
-    async fn client(mut io: S, host: &str, path: &str) -> Result<Ws<S>, WsError> {
+    async fn client(io: S, host: &str, path: &str) -> Result<Ws<S>, WsError> {
         let request = format!("ws://{host}{path}").into_client_request()?;
-        let mut pending = tokio_tungstenite::tungstenite::client::client(request, Pipe::default());
-        loop {
-            match pending {
-                Ok((ws, response)) => {
-                    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
-                    return Ok(Ws { io, ws });
-                }
-                Err(HandshakeError::Interrupted(mut mid)) => {
-                    let pipe = mid.get_mut().get_mut();
-                    pump_out(&mut io, pipe).await?;
-                    if pump_in(&mut io, pipe).await? == 0 {
-                        return Err(WsError::ConnectionClosed);
-                    }
-                    pending = mid.handshake();
-                }
-                Err(HandshakeError::Failure(error)) => return Err(error),
-            }
-        }
+        let (ws, response) = tokio_tungstenite::client_async(request, io).await?;
+        assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+        Ok(Ws { ws })
     }
 
     /// The server side after a `101` was written; `early` is what the
     /// client sent after its request head.
-    fn server(io: S, early: Vec<u8>) -> Ws<S> {
+    async fn server(io: S, early: Vec<u8>) -> Ws<S> {
         Ws {
-            io,
-            ws: WebSocket::from_partially_read(Pipe::default(), early, Role::Server, None),
+            ws: WebSocketStream::from_partially_read(io, early, Role::Server, None).await,
         }
     }
 
     /// Sends one message.
     async fn send(&mut self, message: Message) -> Result<(), WsError> {
-        self.ws.send(message)?;
-        pump_out(&mut self.io, self.ws.get_mut()).await?;
-        Ok(())
+        self.ws.send(message).await
     }
 
     /// The next data message (pings are answered by tungstenite, pongs
@@ -145,24 +66,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Ws<S> {
     /// the end of the stream.
     async fn recv(&mut self) -> Result<Option<Message>, WsError> {
         loop {
-            match self.ws.read() {
-                Ok(message) => {
-                    // A ping's pong or a close's answer may be queued.
-                    pump_out(&mut self.io, self.ws.get_mut()).await?;
-                    match message {
-                        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
-                        Message::Close(_) => return Ok(None),
-                        data => return Ok(Some(data)),
-                    }
+            match self.ws.next().await {
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {
+                    // A ping's pong is queued: send it.
+                    self.ws.flush().await?;
                 }
-                Err(WsError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    pump_out(&mut self.io, self.ws.get_mut()).await?;
-                    if pump_in(&mut self.io, self.ws.get_mut()).await? == 0 {
-                        return Ok(None);
-                    }
-                }
-                Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => return Ok(None),
-                Err(error) => return Err(error),
+                Some(Ok(Message::Close(_))) | None => return Ok(None),
+                Some(Ok(data)) => return Ok(Some(data)),
+                Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) => return Ok(None),
+                Some(Err(error)) => return Err(error),
             }
         }
     }
@@ -186,9 +98,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Ws<S> {
 
     /// Starts the close handshake and waits (10 s at most) for its end.
     async fn close(mut self) {
-        let _ = self.ws.close(None);
-        let _ = pump_out(&mut self.io, self.ws.get_mut()).await;
         let _ = tokio::time::timeout(Duration::from_secs(10), async {
+            let _ = self.ws.close(None).await;
             while let Ok(Some(_)) = self.recv().await {}
         })
         .await;
@@ -199,7 +110,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Ws<S> {
     async fn expect_eof(&mut self, what: &str, limit: Duration) {
         let drained = tokio::time::timeout(limit, async {
             let mut chunk = [0u8; 4096];
-            while let Ok(n) = self.io.read(&mut chunk).await {
+            while let Ok(n) = self.ws.get_mut().read(&mut chunk).await {
                 if n == 0 {
                     return;
                 }
@@ -364,17 +275,18 @@ async fn serve_ws_backend(mut stream: TcpStream, state: Arc<WsState>) {
                 "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
                 derive_accept_key(key.as_bytes())
             );
-            let mut ws = Ws::server(stream, std::mem::take(&mut buf));
             let mut bytes = head.into_bytes();
             if seen.path.starts_with("/ws/greet") {
                 // A greeting in the same write as the 101: the balancer
-                // must pass on what follows the head it reads.
-                ws.ws.send(Message::text("welcome")).unwrap();
-                bytes.append(&mut ws.ws.get_mut().outgoing);
+                // must pass on what follows the head it reads. A server's
+                // text frame (FIN, opcode 1, unmasked, RFC 6455 §5.2).
+                bytes.extend_from_slice(&[0x81, 7]);
+                bytes.extend_from_slice(b"welcome");
             }
-            if ws.io.write_all(&bytes).await.is_err() {
+            if stream.write_all(&bytes).await.is_err() {
                 return;
             }
+            let ws = Ws::server(stream, std::mem::take(&mut buf)).await;
             state.upgrades.fetch_add(1, Ordering::SeqCst);
             echo(ws).await;
             state.ended.fetch_add(1, Ordering::SeqCst);
@@ -684,8 +596,8 @@ impl Raw {
         .await
         .expect("an answer within 10 s");
         let ws = Ws {
-            io: self.stream,
-            ws: WebSocket::from_partially_read(Pipe::default(), self.buf, Role::Client, None),
+            ws: WebSocketStream::from_partially_read(self.stream, self.buf, Role::Client, None)
+                .await,
         };
         (status, headers, ws)
     }
