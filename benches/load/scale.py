@@ -256,13 +256,24 @@ async def tls_ready(port, ctx, proc, limit=30.0):
     raise SystemExit(f"no TLS answer on 127.0.0.1:{port} within {limit:.0f} s: {last!r}")
 
 
+def nginx_worker_connections(connections):
+    """Room for every client in one worker (the kernel may not spread them
+    evenly) plus its upstream keep-alive (512) and slack."""
+    return connections + 1100
+
+
+def nginx_note(connections):
+    return (f"worker_connections {nginx_worker_connections(connections)} per worker, "
+            "allocated at start (in RSS before)")
+
+
 def start_nginx(workdir, name, template, port, backend_ports, connections, **values):
     """NGINX (master + 2 workers) from a load-bench template, in front of
     backend_ports, with room for `connections` clients per worker."""
     d = os.path.join(workdir, name)
     os.makedirs(os.path.join(d, "tmp"))
     conf = os.path.join(d, "nginx.conf")
-    worker_connections = connections + 1100  # + its upstream keep-alive (512) and slack
+    worker_connections = nginx_worker_connections(connections)
     load.render(template, conf, DIR=d, NOFILE=2 * worker_connections,
                 WORKER_CONNECTIONS=worker_connections, NAME=name, TEMP_PATHS=load.nginx_temp_paths(d),
                 PORT=port, METHOD="", SERVERS="\n".join(f"        server 127.0.0.1:{b};" for b in backend_ports),
@@ -300,7 +311,7 @@ def make_certificate(workdir):
     return cert, key
 
 
-async def idle_memory(label, pid, open_conns, close_conns):
+async def idle_memory(label, pid, open_conns, close_conns, extra=""):
     """RSS (summed over pid's tree) before and with the connections open;
     a row of the per-connection table."""
     await asyncio.sleep(0.5)
@@ -317,6 +328,8 @@ async def idle_memory(label, pid, open_conns, close_conns):
     close_conns(conns)
     per_conn = (with_conns - before) * 1024 / len(conns) if conns else float("nan")
     note = f"opened and used in {took:.1f} s; {len(failed)} failed"
+    if extra:
+        note += f"; {extra}"
     if took > 60:
         note += " (the first were idle over 60 s: an idle timeout may have closed some, see open fds)"
     if failed:
@@ -407,7 +420,8 @@ async def main():
 
                     idle.append(await idle_memory(
                         "nginx (master + 2 workers), plain keep-alive", proc.pid,
-                        lambda: hold_connections(port, args.connections), close_plain))
+                        lambda: hold_connections(port, args.connections), close_plain,
+                        nginx_note(args.connections)))
                 finally:
                     stop_nginx(proc)
 
@@ -454,7 +468,7 @@ async def main():
                 if check.returncode != 0:
                     out = (check.stdout + check.stderr).strip().replace(workdir + os.sep, "")
                     notes.append("rust_load_balancer TLS row left out: `--check` rejected the TLS config: "
-                                 + (out.splitlines()[0] if out else "(no output)"))
+                                 + (out.splitlines()[0][:240] if out else "(no output)"))
                 else:
                     proc, _ = start_balancer(args.binary, config, workdir)
                     try:
@@ -473,7 +487,8 @@ async def main():
                         await tls_ready(port, ctx, proc)
                         idle.append(await idle_memory(
                             "nginx (master + 2 workers), TLS (handshake + 1 request each)", proc.pid,
-                            lambda: hold_tls_connections(port, args.connections, ctx), close_socks))
+                            lambda: hold_tls_connections(port, args.connections, ctx), close_socks,
+                            nginx_note(args.connections)))
                     finally:
                         stop_nginx(proc)
         finally:
