@@ -34,6 +34,7 @@ pub mod random;
 pub mod scaffold;
 pub mod server;
 pub mod throttle;
+pub mod transport;
 
 pub use config::Config;
 pub use generation::ReloadError;

@@ -235,6 +235,14 @@ async fn run(config: Config, path: PathBuf) -> ExitCode {
             .split_once(", ")
             .map_or(summary.as_str(), |(_, rest)| rest)
     );
+    if let (Some(address), Some(tls)) = (proxy.tls_addr(), proxy.state().config().tls.as_ref()) {
+        let n = tls.certificates.len();
+        tracing::info!(
+            "TLS listener on https://{address} ({n} certificate{}, TLS {} and up)",
+            if n == 1 { "" } else { "s" },
+            tls.min_version.as_str()
+        );
+    }
     if let Err(error) = serve_until_stopped(&proxy).await {
         eprintln!("error: cannot listen for signals: {error}");
         return ExitCode::FAILURE;

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rust_load_balancer::config::{
-    default_worker_threads, BackendConfig, ClientLimits, ConfigError, Format, HashKey,
-    HealthConfig, SandboxLimits, StrategySource, Tuning,
+    default_worker_threads, BackendConfig, BackendTls, CertificateFiles, ClientLimits, ConfigError,
+    Format, HashKey, HealthConfig, SandboxLimits, StrategySource, TlsListener, TlsVersion, Tuning,
 };
 use rust_load_balancer::Config;
 use serde_json::{json, Value};
@@ -66,7 +66,8 @@ fn every_key(workers: u32) -> Value {
         "listen_address": "127.0.0.3:7001",
         "backend_servers": [
             "10.1.1.1:81",
-            {"address": "b.example:82", "weight": 7, "labels": {"zone": "z", "version": "2.1"}},
+            {"address": "b.example:82", "weight": 7, "labels": {"zone": "z", "version": "2.1"},
+             "tls": true, "tls_server_name": "b.internal.example"},
         ],
         "strategy": "mods/mine.wasm",
         "strategy_options": {"table_size": 251, "nested": [1, "two"]},
@@ -95,6 +96,11 @@ fn every_key(workers: u32) -> Value {
         "tcp_nodelay": false,
         "upstream_keepalive": 9,
         "upstream_idle_timeout": 8.5,
+        "tls_listen_address": "127.0.0.5:7443",
+        "tls_certificates": [{"cert": "certs/a.pem", "key": "certs/a.key"}, {"cert": "/etc/b.pem", "key": "/etc/b.key"}],
+        "tls_min_version": "1.3",
+        "upstream_ca_file": "certs/ca.pem",
+        "tunnel_idle_timeout": 9.5,
     })
 }
 
@@ -125,6 +131,9 @@ fn every_key_of_the_table_reaches_its_own_field() {
                     ("version".to_string(), "2.1".to_string()),
                     ("zone".to_string(), "z".to_string()),
                 ]),
+                tls: Some(BackendTls {
+                    server_name: "b.internal.example".into(),
+                }),
             },
         ],
         // Relative to the config file's folder.
@@ -164,6 +173,22 @@ fn every_key_of_the_table_reaches_its_own_field() {
         // Lowercase, in the order written.
         strategy_headers: vec!["x-b".into(), "x-a".into()],
         strategy_options: json!({"table_size": 251, "nested": [1, "two"]}),
+        tls: Some(TlsListener {
+            address: "127.0.0.5:7443".parse().unwrap(),
+            certificates: vec![
+                CertificateFiles {
+                    cert: dir.path().join("certs/a.pem"),
+                    key: dir.path().join("certs/a.key"),
+                },
+                CertificateFiles {
+                    cert: "/etc/b.pem".into(),
+                    key: "/etc/b.key".into(),
+                },
+            ],
+            min_version: TlsVersion::Tls13,
+        }),
+        upstream_ca_file: Some(dir.path().join("certs/ca.pem")),
+        tunnel_idle_timeout: Duration::from_millis(9500),
     };
 
     // The same keys in JSON and in YAML (JSON text is YAML too).
@@ -216,6 +241,14 @@ fn every_key_of_the_table_reaches_its_own_field() {
                     dir.path().join("mods/mine.wasm").to_str().unwrap()
                 ),
                 "strategy_headers" => assert_eq!(shown, &json!(["x-b", "x-a"])),
+                "tls_certificates" => assert_eq!(
+                    shown,
+                    &json!([
+                        {"cert": dir.path().join("certs/a.pem"), "key": dir.path().join("certs/a.key")},
+                        {"cert": "/etc/b.pem", "key": "/etc/b.key"},
+                    ])
+                ),
+                "upstream_ca_file" => assert_eq!(shown, &json!(dir.path().join("certs/ca.pem"))),
                 _ => assert_eq!(shown, value, "{name}: {key} in the effective config"),
             }
         }
@@ -272,6 +305,17 @@ fn field(config: &Config, key: &str) -> Value {
         "tcp_nodelay" => json!(config.tuning.tcp_nodelay),
         "upstream_keepalive" => json!(config.tuning.upstream_keepalive),
         "upstream_idle_timeout" => secs(config.tuning.upstream_idle_timeout),
+        "backend_servers[].tls" => json!(b.tls.is_some()),
+        "backend_servers[].tls_server_name" => json!(b.tls.as_ref().map(|t| &t.server_name)),
+        "tls_listen_address" => json!(config.tls.as_ref().map(|t| t.address.to_string())),
+        "tls_certificates" => json!(config.tls.as_ref().map(|t| t.certificates.len())),
+        "tls_min_version" => json!(config
+            .tls
+            .as_ref()
+            .map_or(TlsVersion::Tls12, |t| t.min_version)
+            .as_str()),
+        "upstream_ca_file" => json!(config.upstream_ca_file),
+        "tunnel_idle_timeout" => secs(config.tunnel_idle_timeout),
         other => panic!("a key this test does not know: {other} (add it here)"),
     }
 }

@@ -62,6 +62,9 @@ pub const DEFAULT_LISTEN_BACKLOG: u32 = 1024;
 pub const DEFAULT_UPSTREAM_KEEPALIVE: u32 = 128;
 /// Default `upstream_idle_timeout`, in seconds.
 pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: f64 = 60.0;
+/// Default `tunnel_idle_timeout`, in seconds: an hour, as a WebSocket
+/// connection may be quiet for long between messages.
+pub const DEFAULT_TUNNEL_IDLE_TIMEOUT: f64 = 3600.0;
 /// Most worker threads accepted.
 pub const MAX_WORKER_THREADS: u32 = 256;
 
@@ -116,6 +119,56 @@ pub struct Config {
     /// `strategy_options`, passed to a 0.2.0 strategy's `configure` as JSON
     /// text (an empty object when absent).
     pub strategy_options: serde_json::Value,
+    /// The TLS listener (`tls_listen_address` and its certificates); off
+    /// when `None`.
+    pub tls: Option<TlsListener>,
+    /// `upstream_ca_file`: the PEM bundle TLS backends are verified against
+    /// instead of the built-in roots.
+    pub upstream_ca_file: Option<PathBuf>,
+    /// How long an upgraded connection (a WebSocket tunnel) may carry no
+    /// bytes either way before it is closed.
+    pub tunnel_idle_timeout: Duration,
+}
+
+/// Where and how the balancer terminates TLS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsListener {
+    /// `tls_listen_address`.
+    pub address: SocketAddr,
+    /// `tls_certificates`, in configured order: the first is served when no
+    /// other matches the client's SNI (or it sent none).
+    pub certificates: Vec<CertificateFiles>,
+    /// `tls_min_version`.
+    pub min_version: TlsVersion,
+}
+
+/// A certificate chain and its private key, PEM files (paths resolved
+/// against the config file's folder).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateFiles {
+    /// The chain, leaf first (`fullchain.pem`).
+    pub cert: PathBuf,
+    /// The leaf's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// The oldest TLS version a client may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsVersion {
+    /// TLS 1.2 and 1.3 (the default).
+    Tls12,
+    /// TLS 1.3 only.
+    Tls13,
+}
+
+impl TlsVersion {
+    /// As written in the config: `"1.2"` or `"1.3"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsVersion::Tls12 => "1.2",
+            TlsVersion::Tls13 => "1.3",
+        }
+    }
 }
 
 /// Which request value `hash_key` names: its XXH3-64 is the request's
@@ -272,6 +325,17 @@ pub struct BackendConfig {
     /// Operator-given labels (zone, version, ...), sorted by key; shown to
     /// 0.2.0 strategies in `configure`.
     pub labels: BTreeMap<String, String>,
+    /// Whether the balancer speaks TLS to it, and the name it verifies.
+    pub tls: Option<BackendTls>,
+}
+
+/// TLS to a backend (`"tls": true`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendTls {
+    /// The name sent as SNI and checked against the backend's certificate:
+    /// `tls_server_name`, by default the host part of the address (a DNS
+    /// name or an IP address).
+    pub server_name: String,
 }
 
 impl BackendConfig {
@@ -281,6 +345,7 @@ impl BackendConfig {
             address: address.into(),
             weight: 1,
             labels: BTreeMap::new(),
+            tls: None,
         }
     }
 }
@@ -458,6 +523,9 @@ impl Config {
             hash_key: None,
             strategy_headers: Vec::new(),
             strategy_options: empty_options(),
+            tls: None,
+            upstream_ca_file: None,
+            tunnel_idle_timeout: Duration::from_secs_f64(DEFAULT_TUNNEL_IDLE_TIMEOUT),
         }
     }
 
@@ -472,8 +540,21 @@ impl Config {
         let backends: Vec<serde_json::Value> = self
             .backends
             .iter()
-            .map(|b| serde_json::json!({"address": b.address, "weight": b.weight, "labels": b.labels}))
+            .map(|b| {
+                let mut backend = serde_json::json!({"address": b.address, "weight": b.weight, "labels": b.labels});
+                if let Some(tls) = &b.tls {
+                    backend["tls"] = true.into();
+                    backend["tls_server_name"] = tls.server_name.clone().into();
+                }
+                backend
+            })
             .collect();
+        let certificates = self.tls.as_ref().map(|t| {
+            t.certificates
+                .iter()
+                .map(|c| serde_json::json!({"cert": c.cert, "key": c.key}))
+                .collect::<Vec<_>>()
+        });
         serde_json::json!({
             "listen_address": self.listen_address.to_string(),
             "backend_servers": backends,
@@ -504,6 +585,11 @@ impl Config {
             "hash_key": self.hash_key.as_ref().map(|k| k.to_string()),
             "strategy_headers": self.strategy_headers,
             "strategy_options": self.strategy_options,
+            "tls_listen_address": self.tls.as_ref().map(|t| t.address.to_string()),
+            "tls_certificates": certificates,
+            "tls_min_version": self.tls.as_ref().map_or(TlsVersion::Tls12, |t| t.min_version).as_str(),
+            "upstream_ca_file": self.upstream_ca_file,
+            "tunnel_idle_timeout": self.tunnel_idle_timeout.as_secs_f64(),
         })
     }
 
@@ -545,13 +631,15 @@ impl RawConfig {
         }
         let mut backends = Vec::with_capacity(self.backend_servers.len());
         for (i, backend) in self.backend_servers.into_iter().enumerate() {
-            let (address, weight, labels) = match backend {
-                RawBackend::Address(address) => (address, None, None),
+            let (address, weight, labels, tls, tls_server_name) = match backend {
+                RawBackend::Address(address) => (address, None, None, None, None),
                 RawBackend::Object {
                     address,
                     weight,
                     labels,
-                } => (address, weight, labels),
+                    tls,
+                    tls_server_name,
+                } => (address, weight, labels, tls, tls_server_name),
             };
             let labels = labels.unwrap_or_default();
             if let Some(key) = labels.keys().find(|k| k.trim().is_empty()) {
@@ -581,10 +669,27 @@ impl RawConfig {
                     format!("{address:?} is listed twice (also at backend_servers[{j}])"),
                 ));
             }
+            let tls = match (tls.unwrap_or(false), tls_server_name) {
+                (false, None) => None,
+                (false, Some(_)) => {
+                    return Err(invalid(
+                        &format!("backend_servers[{i}].tls_server_name"),
+                        "applies only to a backend with \"tls\": true".into(),
+                    ))
+                }
+                (true, name) => {
+                    let name = name.unwrap_or_else(|| host_of(&address).to_string());
+                    check_server_name(&name).map_err(|m| {
+                        invalid(&format!("backend_servers[{i}].tls_server_name"), m)
+                    })?;
+                    Some(BackendTls { server_name: name })
+                }
+            };
             backends.push(BackendConfig {
                 address,
                 weight,
                 labels,
+                tls,
             });
         }
 
@@ -754,6 +859,70 @@ impl RawConfig {
         }
         let strategy_options = self.strategy_options.unwrap_or_else(empty_options);
 
+        let min_version = match self.tls_min_version.as_deref().map(str::trim) {
+            None | Some("1.2") => TlsVersion::Tls12,
+            Some("1.3") => TlsVersion::Tls13,
+            Some(other) => {
+                return Err(invalid(
+                    "tls_min_version",
+                    format!("must be \"1.2\" or \"1.3\", got {other:?}"),
+                ))
+            }
+        };
+        let tls = match (&self.tls_listen_address, self.tls_certificates) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "tls_certificates",
+                    "set, but tls_listen_address is not: certificates are only used by the TLS listener".into(),
+                ))
+            }
+            (Some(_), None) => {
+                return Err(invalid(
+                    "tls_certificates",
+                    "required with tls_listen_address: a list of {\"cert\": \"fullchain.pem\", \"key\": \"key.pem\"}".into(),
+                ))
+            }
+            (Some(address), Some(certificates)) => {
+                let address: SocketAddr = address.trim().parse().map_err(|_| {
+                    invalid(
+                        "tls_listen_address",
+                        format!("{address:?} is not an IP:port address (e.g. \"0.0.0.0:443\")"),
+                    )
+                })?;
+                if address.port() != 0
+                    && (address == listen_address || Some(address) == admin_address)
+                {
+                    return Err(invalid(
+                        "tls_listen_address",
+                        "must differ from listen_address and admin_address".into(),
+                    ));
+                }
+                if certificates.is_empty() {
+                    return Err(invalid(
+                        "tls_certificates",
+                        "the list is empty; name at least one {\"cert\": ..., \"key\": ...}".into(),
+                    ));
+                }
+                let certificates = certificates
+                    .into_iter()
+                    .map(|c| CertificateFiles {
+                        cert: relative_to(path, &c.cert),
+                        key: relative_to(path, &c.key),
+                    })
+                    .collect();
+                Some(TlsListener {
+                    address,
+                    certificates,
+                    min_version,
+                })
+            }
+        };
+        let upstream_ca_file = self
+            .upstream_ca_file
+            .as_deref()
+            .map(|f| relative_to(path, f));
+
         Ok(Config {
             listen_address,
             backends,
@@ -803,8 +972,45 @@ impl RawConfig {
                 )? as usize,
             },
             tuning,
+            tls,
+            upstream_ca_file,
+            tunnel_idle_timeout: seconds(
+                "tunnel_idle_timeout",
+                self.tunnel_idle_timeout,
+                DEFAULT_TUNNEL_IDLE_TIMEOUT,
+            )?,
         })
     }
+}
+
+/// `file` as the config names it: relative paths are resolved against the
+/// config file's folder.
+fn relative_to(config_path: &Path, file: &str) -> PathBuf {
+    let file = Path::new(file.trim());
+    if file.is_absolute() {
+        file.to_path_buf()
+    } else {
+        config_path
+            .parent()
+            .unwrap_or_else(|| Path::new(""))
+            .join(file)
+    }
+}
+
+/// The host part of a validated `host:port` address, without IPv6
+/// brackets.
+fn host_of(address: &str) -> &str {
+    let host = address.rsplit_once(':').map_or(address, |(host, _)| host);
+    host.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host)
+}
+
+/// Checks a TLS server name: a DNS name or an IP address.
+fn check_server_name(name: &str) -> Result<(), String> {
+    rustls_pki_types::ServerName::try_from(name)
+        .map(drop)
+        .map_err(|_| format!("{name:?} is not a DNS name or IP address"))
 }
 
 /// `strategy_options` when the config has none: `{}`.
@@ -856,16 +1062,7 @@ fn parse_strategy(value: &str, config_path: &Path) -> Result<StrategySource, Str
         return Ok(StrategySource::Native(value.to_string()));
     }
     if value.ends_with(".wasm") {
-        let path = Path::new(value);
-        let path = if path.is_absolute() {
-            path.to_path_buf()
-        } else {
-            config_path
-                .parent()
-                .unwrap_or_else(|| Path::new(""))
-                .join(path)
-        };
-        return Ok(StrategySource::Path(path));
+        return Ok(StrategySource::Path(relative_to(config_path, value)));
     }
     Err(format!(
         "unknown strategy {value:?}: use one of {}, or a path to a .wasm component",

@@ -40,10 +40,23 @@ pub(super) struct RawConfig {
     pub hash_key: Option<String>,
     pub strategy_headers: Option<Vec<String>>,
     pub strategy_options: Option<serde_json::Value>,
+    pub tls_listen_address: Option<String>,
+    pub tls_certificates: Option<Vec<RawCertificate>>,
+    pub tls_min_version: Option<String>,
+    pub upstream_ca_file: Option<String>,
+    pub tunnel_idle_timeout: Option<f64>,
+}
+
+/// One of `tls_certificates`: a certificate chain and its key, PEM files.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCertificate {
+    pub cert: String,
+    pub key: String,
 }
 
 /// A backend: `"host:port"`, or `{"address": "host:port", "weight": 3,
-/// "labels": {"zone": "b"}}`.
+/// "labels": {"zone": "b"}, "tls": true, "tls_server_name": "b.internal"}`.
 #[derive(Debug)]
 pub(super) enum RawBackend {
     Address(String),
@@ -51,6 +64,8 @@ pub(super) enum RawBackend {
         address: String,
         weight: Option<i64>,
         labels: Option<BTreeMap<String, String>>,
+        tls: Option<bool>,
+        tls_server_name: Option<String>,
     },
 }
 
@@ -60,6 +75,8 @@ struct RawBackendObject {
     address: String,
     weight: Option<i64>,
     labels: Option<BTreeMap<String, String>>,
+    tls: Option<bool>,
+    tls_server_name: Option<String>,
 }
 
 // Written by hand rather than `#[serde(untagged)]`, whose only error is "data
@@ -72,7 +89,7 @@ impl<'de> Deserialize<'de> for RawBackend {
             type Value = RawBackend;
 
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a \"host:port\" string or an object {\"address\": \"host:port\", \"weight\": N, \"labels\": {...}}")
+                f.write_str("a \"host:port\" string or an object {\"address\": \"host:port\", \"weight\": N, \"labels\": {...}, \"tls\": true}")
             }
 
             fn visit_str<E: de::Error>(self, v: &str) -> Result<RawBackend, E> {
@@ -84,11 +101,15 @@ impl<'de> Deserialize<'de> for RawBackend {
                     address,
                     weight,
                     labels,
+                    tls,
+                    tls_server_name,
                 } = RawBackendObject::deserialize(de::value::MapAccessDeserializer::new(map))?;
                 Ok(RawBackend::Object {
                     address,
                     weight,
                     labels,
+                    tls,
+                    tls_server_name,
                 })
             }
         }

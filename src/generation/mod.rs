@@ -27,6 +27,8 @@ use crate::health;
 use crate::metrics::Metrics;
 use crate::server::{Backend, Registry};
 use crate::throttle::LogThrottle;
+use crate::transport::tls::{self, TlsError};
+use crate::transport::{TlsAcceptor, TlsConnector, TlsTarget};
 
 pub use crate::server::Pool;
 
@@ -40,6 +42,9 @@ pub enum BuildError {
     /// A backend address could not be used.
     #[error("backend address: {0}")]
     Backend(String),
+    /// A certificate, key or CA file could not be used.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// Why a reload was rejected; the old config keeps serving.
@@ -66,6 +71,10 @@ pub struct State {
     /// Whether the strategy reads the request (0.2.0): only then are the
     /// hash key and the named headers worked out per request.
     sees_requests: bool,
+    /// The TLS listener's certificates, loaded from this config's files.
+    tls_acceptor: Option<Arc<rustls::ServerConfig>>,
+    /// How to speak TLS to each backend, by id; empty when none wants TLS.
+    upstream_tls: Vec<Option<TlsTarget>>,
 }
 
 /// What [`State::pick`] decided.
@@ -92,6 +101,13 @@ impl State {
         let pool = registry
             .pool(&config.backends)
             .map_err(|e| BuildError::Backend(e.to_string()))?;
+        // Certificates first: a bad file is reported before a large module
+        // is compiled.
+        let tls_acceptor = match &config.tls {
+            Some(listener) => Some(tls::server_config(listener)?),
+            None => None,
+        };
+        let upstream_tls = upstream_tls(&config)?;
         let setup = StrategySetup {
             options: config.strategy_options_json(),
             backends: pool.infos(),
@@ -130,7 +146,30 @@ impl State {
             pool,
             balancer,
             sees_requests,
+            tls_acceptor,
+            upstream_tls,
         })
+    }
+
+    /// The TLS listener's certificates and settings, if it is on.
+    pub fn tls_acceptor(&self) -> Option<TlsAcceptor> {
+        self.tls_acceptor
+            .as_ref()
+            .map(|c| TlsAcceptor::from(Arc::clone(c)))
+    }
+
+    /// How to speak TLS to `backend`, if it wants TLS.
+    pub fn upstream_tls(&self, backend: &Backend) -> Option<&TlsTarget> {
+        self.upstream_tls.get(backend.id() as usize)?.as_ref()
+    }
+
+    /// Each backend with how to speak TLS to it, for the health checker.
+    fn checked_backends(&self) -> Vec<(Arc<Backend>, Option<TlsTarget>)> {
+        self.pool
+            .backends()
+            .iter()
+            .map(|b| (Arc::clone(b), self.upstream_tls(b).cloned()))
+            .collect()
     }
 
     /// The configuration this generation was built from.
@@ -295,7 +334,7 @@ impl Generations {
     /// backends. Must be called inside a tokio runtime.
     pub fn install(&self, state: Arc<State>) {
         let checker = tokio::spawn(health::run(
-            state.pool().backends().to_vec(),
+            state.checked_backends(),
             state.config().health.clone(),
         ))
         .abort_handle();
@@ -367,6 +406,28 @@ impl std::fmt::Debug for Generations {
     }
 }
 
+/// The TLS settings of each backend (by position, which is its id in the
+/// generation), with one connector for all: trust roots from
+/// `upstream_ca_file` (checked even if no backend wants TLS yet, so that a
+/// bad file is found now) or the built-in ones.
+fn upstream_tls(config: &Config) -> Result<Vec<Option<TlsTarget>>, TlsError> {
+    if config.upstream_ca_file.is_none() && config.backends.iter().all(|b| b.tls.is_none()) {
+        return Ok(Vec::new());
+    }
+    let connector = TlsConnector::from(tls::client_config(config.upstream_ca_file.as_deref())?);
+    Ok(config
+        .backends
+        .iter()
+        .map(|b| {
+            let name = tls::server_name(&b.tls.as_ref()?.server_name)?;
+            Some(TlsTarget {
+                connector: connector.clone(),
+                name,
+            })
+        })
+        .collect())
+}
+
 /// Listeners and worker threads stay as they are until a restart: a new
 /// config that changes them gets the running values, with a warning.
 fn keep_start_only_settings(mut config: Config, old: &Config) -> Config {
@@ -377,6 +438,14 @@ fn keep_start_only_settings(mut config: Config, old: &Config) -> Config {
             old.listen_address
         );
         config.listen_address = old.listen_address;
+    }
+    let tls_address = |c: &Config| c.tls.as_ref().map(|t| t.address);
+    if tls_address(&config) != tls_address(old) {
+        tracing::warn!(
+            "tls_listen_address changed: this needs a restart; the TLS listener stays as it was ({:?}), with its certificates",
+            tls_address(old)
+        );
+        config.tls.clone_from(&old.tls);
     }
     if config.admin_address != old.admin_address {
         tracing::warn!(

@@ -83,6 +83,7 @@ pub struct Metrics {
     upstream_errors: Family<UpstreamErrorLabels, Counter>,
     reloads: Family<ResultLabels, Counter>,
     log_dropped: Counter,
+    tunnels: Gauge,
 }
 
 /// Request durations: 100 µs to about 100 s, doubling.
@@ -151,6 +152,12 @@ impl Metrics {
             "Config reloads, by result (success, failure)",
             reloads.clone(),
         );
+        let tunnels = Gauge::default();
+        registry.register(
+            "lb_tunnels_active",
+            "Upgraded connections (WebSocket tunnels) open now",
+            tunnels.clone(),
+        );
         let log_dropped = Counter::default();
         registry.register(
             "lb_strategy_log_dropped",
@@ -181,7 +188,14 @@ impl Metrics {
             upstream_errors,
             reloads,
             log_dropped,
+            tunnels,
         }
+    }
+
+    /// Counts a tunnel as open until the returned guard is dropped.
+    pub fn open_tunnel(&self) -> TunnelGauge {
+        self.tunnels.inc();
+        TunnelGauge(self.tunnels.clone())
     }
 
     /// Counts a strategy log line dropped by the rate limit.
@@ -318,5 +332,15 @@ impl Default for Metrics {
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+/// One open tunnel in `lb_tunnels_active`, while it lives.
+#[derive(Debug)]
+pub struct TunnelGauge(Gauge);
+
+impl Drop for TunnelGauge {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }

@@ -16,14 +16,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant as Deadline;
 
 use super::error::ProxyError;
 use super::forward;
 use super::headers::{parse_request, HeadError, RequestHead};
-use super::http1::{read_more, read_more_within, write_all, write_body, Framing, LAST_CHUNK};
+use super::http1::{read_more_within, write_body, Framing, LAST_CHUNK};
+use super::tunnel::{self, TunnelEnd};
+use crate::transport::Stream;
 
 /// The buffer a request head is first read into; it grows for larger heads
 /// (up to `max_request_header_kib`) and bodies.
@@ -36,19 +37,21 @@ use crate::metrics::NO_BACKEND;
 use crate::server::ConnectionGuard;
 
 /// The connecting client: its address, and that address as text (for
-/// `X-Forwarded-For` and logs).
+/// `X-Forwarded-For` and logs), and whether it came over TLS.
 #[derive(Debug)]
 pub(super) struct Client {
     ip: IpAddr,
     text: Box<str>,
+    tls: bool,
 }
 
 impl Client {
-    /// The client at `ip`.
-    pub(super) fn new(ip: IpAddr) -> Client {
+    /// The client at `ip`, connected over TLS if `tls`.
+    pub(super) fn new(ip: IpAddr, tls: bool) -> Client {
         Client {
             ip,
             text: ip.to_string().into(),
+            tls,
         }
     }
 
@@ -66,7 +69,7 @@ impl Client {
 /// Serves one client connection until it closes, breaks the protocol, times
 /// out, or the balancer shuts down.
 pub(super) async fn serve(
-    stream: TcpStream,
+    stream: Stream,
     client: Client,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<Option<Duration>>,
@@ -79,16 +82,7 @@ pub(super) async fn serve(
         // has arrived, so a connection idle across a reload follows the new
         // config (and holds no generation while idle).
         let limits = shared.generations.peek().config().clients;
-        let head = match read_head(
-            &stream,
-            &mut buf,
-            client.text(),
-            limits,
-            first,
-            &mut shutdown,
-        )
-        .await
-        {
+        let head = match read_head(&stream, &mut buf, &client, limits, first, &mut shutdown).await {
             Ok(head) => head,
             Err(HeadFailure::Closed) => return,
             Err(HeadFailure::Refused(error)) => {
@@ -133,9 +127,9 @@ enum HeadFailure {
 
 /// Waits for and parses the next request head.
 async fn read_head(
-    stream: &TcpStream,
+    stream: &Stream,
     buf: &mut BytesMut,
-    client: &str,
+    client: &Client,
     limits: ClientLimits,
     first: bool,
     shutdown: &mut watch::Receiver<Option<Duration>>,
@@ -156,7 +150,7 @@ async fn read_head(
                 started = true;
                 deadline = Deadline::now() + limits.header_timeout;
             }
-            match parse_request(buf, client) {
+            match parse_request(buf, client.text(), client.tls) {
                 Ok(Some((len, head))) if len <= limits.max_header_bytes => {
                     buf.advance(len);
                     return Ok(head);
@@ -181,7 +175,7 @@ async fn read_head(
                 stream.readable().await?;
                 *buf = take_buffer();
             }
-            read_more(stream, buf).await
+            stream.read_more(buf).await
         };
         tokio::select! {
             read = read => match read {
@@ -190,7 +184,7 @@ async fn read_head(
             },
             () = tokio::time::sleep_until(deadline) => {
                 if !idle {
-                    tracing::debug!(%client, "client_header_timeout: closing a connection with an incomplete request head");
+                    tracing::debug!(client = client.text(), "client_header_timeout: closing a connection with an incomplete request head");
                 }
                 return Err(HeadFailure::Closed);
             }
@@ -235,7 +229,7 @@ fn give_back(mut buf: BytesMut) {
 /// connection takes it.
 #[derive(Debug)]
 pub struct ClientBody<'a> {
-    stream: &'a TcpStream,
+    stream: &'a Stream,
     buf: &'a mut BytesMut,
     framing: Framing,
     /// `100 Continue` is owed before the first read.
@@ -264,12 +258,9 @@ impl ClientBody<'_> {
         self.started = true;
         if self.continue_pending {
             self.continue_pending = false;
-            write_all(
-                self.stream,
-                &[b"HTTP/1.1 100 Continue\r\n\r\n"],
-                Some(self.stall),
-            )
-            .await?;
+            self.stream
+                .write_all(&[b"HTTP/1.1 100 Continue\r\n\r\n"], Some(self.stall))
+                .await?;
         }
         loop {
             if let Some(data) = self.framing.decode(self.buf)? {
@@ -295,7 +286,7 @@ impl ClientBody<'_> {
 /// Forwards one request and writes its answer. Returns whether the
 /// connection can carry another request.
 async fn serve_request(
-    stream: &TcpStream,
+    stream: &Stream,
     buf: &mut BytesMut,
     head: RequestHead,
     client: &Client,
@@ -318,6 +309,11 @@ async fn serve_request(
     let body_done = body.is_done();
     let keep_alive = head.keep_alive && body_done && shutdown.borrow().is_none();
     let (status, guard, ok) = match result {
+        Ok((response, guard)) if response.head.upgraded => {
+            record(shared, state, Some(&guard), 101, started, &head);
+            upgrade(stream, buf, response, guard, shared, state).await;
+            return false;
+        }
         Ok((response, guard)) => {
             let status = response.head.status;
             let (ok, keep_alive) = write_response(stream, response, &head, keep_alive, stall).await;
@@ -338,15 +334,59 @@ async fn serve_request(
             (status, None, ok && !close)
         }
     };
-    record(shared, state, guard, status, started, &head);
+    record(shared, state, guard.as_ref(), status, started, &head);
     ok
+}
+
+/// Sends a backend's `101` on to the client and carries the two
+/// connections' bytes until the tunnel ends. The tunnel counts as an
+/// active connection of its backend (`guard`) for as long as it is open.
+/// What the client sent past its handshake is in `buf`.
+async fn upgrade(
+    stream: &Stream,
+    buf: &mut BytesMut,
+    response: UpstreamResponse,
+    guard: ConnectionGuard,
+    shared: &Shared,
+    state: &State,
+) {
+    let UpstreamResponse { head, body } = response;
+    let Some((backend, from_backend)) = body.into_upgraded() else {
+        return;
+    };
+    let mut out = head.head;
+    out.extend_from_slice(b"connection: upgrade\r\n\r\n");
+    let stall = state.config().clients.request_timeout;
+    // The first frames the backend sent after its 101 go in the same write.
+    if stream
+        .write_all(&[&out, &from_backend], Some(stall))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let _open = shared.metrics().open_tunnel();
+    let idle = state.config().tunnel_idle_timeout;
+    let to_backend = std::mem::take(buf);
+    let end = tunnel::run(stream, to_backend, &backend, BytesMut::new(), idle).await;
+    let backend_address = guard.backend().address();
+    match end {
+        TunnelEnd::Closed => tracing::debug!(backend = backend_address, "tunnel closed"),
+        TunnelEnd::Idle => tracing::debug!(
+            backend = backend_address,
+            "tunnel closed: no bytes either way for tunnel_idle_timeout ({idle:?})"
+        ),
+        TunnelEnd::Failed(error) => {
+            tracing::debug!(backend = backend_address, "tunnel ended: {error}")
+        }
+    }
 }
 
 /// Writes a backend's response: the head with this hop's framing fields,
 /// then the body as it arrives. Returns whether it was all written, and
 /// whether the connection may be kept.
 async fn write_response(
-    stream: &TcpStream,
+    stream: &Stream,
     response: UpstreamResponse,
     request: &RequestHead,
     keep_alive: bool,
@@ -400,13 +440,15 @@ async fn write_response(
             } else {
                 b"\r\n"
             };
-            write_all(stream, &[&out, size.as_bytes(), data, end], Some(stall)).await
+            stream
+                .write_all(&[&out, size.as_bytes(), data, end], Some(stall))
+                .await
         }
-        Some(data) => write_all(stream, &[&out, data], Some(stall)).await,
+        Some(data) => stream.write_all(&[&out, data], Some(stall)).await,
         None if chunked && body.is_done() => {
-            write_all(stream, &[&out, LAST_CHUNK], Some(stall)).await
+            stream.write_all(&[&out, LAST_CHUNK], Some(stall)).await
         }
-        None => write_all(stream, &[&out], Some(stall)).await,
+        None => stream.write_all(&[&out], Some(stall)).await,
     };
     if written.is_err() {
         return (false, false);
@@ -433,7 +475,7 @@ async fn write_response(
             }
         }
     }
-    if chunked && write_all(stream, &[LAST_CHUNK], Some(stall)).await.is_err() {
+    if chunked && stream.write_all(&[LAST_CHUNK], Some(stall)).await.is_err() {
         return (false, false);
     }
     (true, keep_alive)
@@ -448,7 +490,7 @@ fn push_length(out: &mut Vec<u8>, n: u64) {
 /// Writes a short plain-text answer of the balancer's own; internal details
 /// (backend addresses, OS errors) go to the log, not to the client.
 async fn write_error(
-    stream: &TcpStream,
+    stream: &Stream,
     status: u16,
     reason: &str,
     head_request: bool,
@@ -465,25 +507,22 @@ async fn write_error(
         if close { "connection: close\r\n" } else { "" }
     );
     let body: &[u8] = if head_request { b"" } else { body.as_bytes() };
-    write_all(
-        stream,
-        &[head.as_bytes(), body],
-        Some(Duration::from_secs(5)),
-    )
-    .await
+    stream
+        .write_all(&[head.as_bytes(), body], Some(Duration::from_secs(5)))
+        .await
 }
 
 /// Counts and times a finished request and, if enabled, logs it.
 fn record(
     shared: &Shared,
     state: &State,
-    guard: Option<ConnectionGuard>,
+    guard: Option<&ConnectionGuard>,
     status: u16,
     started: Instant,
     head: &RequestHead,
 ) {
     let elapsed = started.elapsed();
-    let backend = guard.as_ref().map_or(NO_BACKEND, |g| g.backend().address());
+    let backend = guard.map_or(NO_BACKEND, |g| g.backend().address());
     shared.metrics().record_request(backend, status, elapsed);
     if state.config().access_log {
         // The path without its query, which may carry secrets.

@@ -6,7 +6,7 @@ use std::time::Instant;
 use super::downstream::{Client, ClientBody};
 use super::error::{describe, ProxyError};
 use super::headers::RequestHead;
-use super::upstream::{self, Limits, UpstreamError, UpstreamResponse};
+use super::upstream::{self, Limits, Target, UpstreamError, UpstreamResponse};
 use super::view::RequestFacts;
 use super::Shared;
 use crate::balancer::{Failure, Outcome};
@@ -63,7 +63,11 @@ pub(super) async fn forward(
         // Connecting has connect_timeout, the backend's answer
         // request_timeout from when the request is sent, and each pause in
         // a body either way request_timeout (see upstream::exchange).
-        let answer = upstream::send(backend.address(), head, body, limits).await;
+        let target = Target {
+            address: backend.address(),
+            tls: state.upstream_tls(backend),
+        };
+        let answer = upstream::send(target, head, body, limits).await;
         let outcome = |status: Option<u16>, failure: Option<Failure>| Outcome {
             backend_id: backend.id(),
             status,

@@ -65,6 +65,10 @@ pub struct RequestHead {
     pub expect_continue: bool,
     /// Whether the client spoke HTTP/1.1 (else 1.0).
     pub http11: bool,
+    /// Whether this is a WebSocket handshake (`Connection: upgrade`,
+    /// `Upgrade: websocket`), forwarded with both fields: a `101` answer
+    /// turns the two connections into a tunnel.
+    pub upgrade: bool,
 }
 
 impl RequestHead {
@@ -124,10 +128,15 @@ impl RequestHead {
 }
 
 /// Parses the request head at the start of `buf` and rewrites it for a
-/// backend, the client being `client` (its address as text). `Ok(None)`:
-/// the head is not complete yet. `Ok(Some((len, head)))`: the head took
-/// `len` bytes.
-pub fn parse_request(buf: &[u8], client: &str) -> Result<Option<(usize, RequestHead)>, HeadError> {
+/// backend, the client being `client` (its address as text), connected
+/// over TLS if `tls` (which `X-Forwarded-Proto` says). `Ok(None)`: the
+/// head is not complete yet. `Ok(Some((len, head)))`: the head took `len`
+/// bytes.
+pub fn parse_request(
+    buf: &[u8],
+    client: &str,
+    tls: bool,
+) -> Result<Option<(usize, RequestHead)>, HeadError> {
     let mut fields = [const { MaybeUninit::uninit() }; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut []);
     let len = match httparse::ParserConfig::default().parse_request_with_uninit_headers(
@@ -176,9 +185,18 @@ pub fn parse_request(buf: &[u8], client: &str) -> Result<Option<(usize, RequestH
     let mut keep_alive = http11;
     let mut close = false;
     let mut expect_continue = false;
+    let mut connection_upgrade = false;
+    let mut websocket = false;
     for h in headers {
         let name = h.name;
-        if name.eq_ignore_ascii_case("host") {
+        if name.eq_ignore_ascii_case("upgrade") {
+            // A protocol list; `websocket` (any version suffix) is the one
+            // upgrade forwarded. `h2c` and the rest stay on this hop.
+            websocket |= h.value.split(|b| *b == b',').any(|p| {
+                let name = p.split(|b| *b == b'/').next().unwrap_or_default();
+                name.trim_ascii().eq_ignore_ascii_case(b"websocket")
+            });
+        } else if name.eq_ignore_ascii_case("host") {
             hosts += 1;
             host_value = Some(h.value);
         } else if name.eq_ignore_ascii_case("content-length") {
@@ -193,6 +211,7 @@ pub fn parse_request(buf: &[u8], client: &str) -> Result<Option<(usize, RequestH
         } else if name.eq_ignore_ascii_case("connection") {
             close |= has_token(h.value, b"close");
             keep_alive |= has_token(h.value, b"keep-alive");
+            connection_upgrade |= has_token(h.value, b"upgrade");
         } else if name.eq_ignore_ascii_case("expect") {
             if h.value.trim_ascii().eq_ignore_ascii_case(b"100-continue") {
                 expect_continue = true;
@@ -310,7 +329,11 @@ pub fn parse_request(buf: &[u8], client: &str) -> Result<Option<(usize, RequestH
         out.extend_from_slice(b", ");
     }
     out.extend_from_slice(client.as_bytes());
-    out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n");
+    out.extend_from_slice(if tls {
+        b"\r\nx-forwarded-proto: https\r\n"
+    } else {
+        b"\r\nx-forwarded-proto: http\r\n"
+    });
     if let Some(host) = host {
         push_field(&mut out, b"x-forwarded-host", host);
     }
@@ -324,6 +347,17 @@ pub fn parse_request(buf: &[u8], client: &str) -> Result<Option<(usize, RequestH
         // A client's explicit zero length is kept: it matters for POST.
         _ if length == Some(0) => out.extend_from_slice(b"content-length: 0\r\n"),
         _ => {}
+    }
+    // The WebSocket handshake (RFC 6455 §4.1: a GET, HTTP/1.1, no body)
+    // keeps its two hop-by-hop fields for the backend.
+    let upgrade = connection_upgrade
+        && websocket
+        && method == Method::GET
+        && http11
+        && framing.is_done()
+        && length.is_none();
+    if upgrade {
+        out.extend_from_slice(b"connection: upgrade\r\nupgrade: websocket\r\n");
     }
     out.extend_from_slice(b"\r\n");
 
@@ -340,6 +374,7 @@ pub fn parse_request(buf: &[u8], client: &str) -> Result<Option<(usize, RequestH
             keep_alive,
             expect_continue,
             http11,
+            upgrade,
         },
     )))
 }
@@ -387,6 +422,10 @@ pub struct ResponseHead {
     pub declared_length: Option<u64>,
     /// Whether the backend connection can carry another request after it.
     pub reusable: bool,
+    /// A `101 Switching Protocols` to WebSocket, for a request that asked
+    /// for it: the connection is now a tunnel (and `head` has the
+    /// backend's `Upgrade` field).
+    pub upgraded: bool,
 }
 
 /// What [`parse_response`] found.
@@ -401,8 +440,13 @@ pub enum ParsedResponse {
 }
 
 /// Parses the response head at the start of `buf`, received for a request
-/// that was a `HEAD` if `head_request`.
-pub fn parse_response(buf: &[u8], head_request: bool) -> Result<ParsedResponse, &'static str> {
+/// that was a `HEAD` if `head_request`, and asked for a WebSocket upgrade
+/// if `upgrade`.
+pub fn parse_response(
+    buf: &[u8],
+    head_request: bool,
+    upgrade: bool,
+) -> Result<ParsedResponse, &'static str> {
     let mut fields = [const { MaybeUninit::uninit() }; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut []);
     let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
@@ -419,10 +463,11 @@ pub fn parse_response(buf: &[u8], head_request: bool) -> Result<ParsedResponse, 
     if !(100..=999).contains(&status) {
         return Err("invalid status code");
     }
-    if status < 200 {
-        if status == 101 {
-            return Err("unrequested protocol switch");
-        }
+    let upgraded = status == 101;
+    if upgraded && !upgrade {
+        return Err("unrequested protocol switch");
+    }
+    if status < 200 && !upgraded {
         return Ok(ParsedResponse::Interim(len));
     }
     let http11 = response.version == Some(1);
@@ -433,6 +478,7 @@ pub fn parse_response(buf: &[u8], head_request: bool) -> Result<ParsedResponse, 
     let mut transfer_encoding: Option<&[u8]> = None;
     let mut close = !http11;
     let listed = ConnectionList::of(headers);
+    let mut switched = false;
     let mut head = Vec::with_capacity(len + 16);
     head.extend_from_slice(b"HTTP/1.1 ");
     head.extend_from_slice(itoa::Buffer::new().format(status).as_bytes());
@@ -460,10 +506,34 @@ pub fn parse_response(buf: &[u8], head_request: bool) -> Result<ParsedResponse, 
             }
             continue;
         }
+        if upgraded && name.eq_ignore_ascii_case("upgrade") {
+            if !h.value.trim_ascii().eq_ignore_ascii_case(b"websocket") {
+                return Err("switched to another protocol than the WebSocket asked for");
+            }
+            push_field(&mut head, b"upgrade", b"websocket");
+            switched = true;
+            continue;
+        }
         if is_hop_by_hop(name) || listed.contains(name) {
             continue;
         }
         push_field(&mut head, name.as_bytes(), h.value);
+    }
+    if upgraded {
+        if !switched {
+            return Err("101 without Upgrade: websocket");
+        }
+        return Ok(ParsedResponse::Final(
+            len,
+            ResponseHead {
+                status,
+                head,
+                framing: Framing::Done,
+                declared_length: None,
+                reusable: false,
+                upgraded: true,
+            },
+        ));
     }
     let length = content_length(&lengths[..length_fields])?;
     // RFC 9112 §6.3, in order.
@@ -497,6 +567,7 @@ pub fn parse_response(buf: &[u8], head_request: bool) -> Result<ParsedResponse, 
             framing,
             declared_length,
             reusable: framing_reusable && !close,
+            upgraded: false,
         },
     ))
 }
@@ -506,7 +577,7 @@ mod tests {
     use super::*;
 
     fn forward(raw: &str) -> Result<RequestHead, HeadError> {
-        parse_request(raw.as_bytes(), "127.0.0.9").map(|r| r.expect("complete").1)
+        parse_request(raw.as_bytes(), "127.0.0.9", false).map(|r| r.expect("complete").1)
     }
 
     fn fields(head: &RequestHead) -> String {
@@ -617,6 +688,81 @@ mod tests {
     }
 
     #[test]
+    fn only_a_websocket_handshake_keeps_upgrade_and_connection() {
+        let ws = "GET /chat HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, Upgrade\r\n\
+                  Upgrade: WebSocket\r\nSec-WebSocket-Key: k\r\nSec-WebSocket-Version: 13\r\n\r\n";
+        let head = forward(ws).unwrap();
+        assert!(head.upgrade);
+        assert_eq!(
+            fields(&head),
+            "Host: x\r\nSec-WebSocket-Key: k\r\nSec-WebSocket-Version: 13\r\n\
+             x-forwarded-for: 127.0.0.9\r\nx-forwarded-proto: http\r\nx-forwarded-host: x\r\n\
+             connection: upgrade\r\nupgrade: websocket\r\n\r\n"
+        );
+        for not_forwarded in [
+            // h2c, and an Upgrade that Connection does not name.
+            "GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AA\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n",
+            // Not a GET, or with a body, or HTTP/1.0.
+            "POST / HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\nContent-Length: 2\r\n\r\n",
+            "GET / HTTP/1.0\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+        ] {
+            let head = forward(not_forwarded).unwrap();
+            assert!(!head.upgrade, "{not_forwarded:?}");
+            let fields = fields(&head).to_ascii_lowercase();
+            assert!(
+                !fields.contains("upgrade") && !fields.contains("connection:"),
+                "{fields}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_tls_client_is_forwarded_as_https_whatever_it_claims() {
+        let raw = "GET / HTTP/1.1\r\nHost: x\r\nX-Forwarded-Proto: http\r\n\r\n";
+        let (_, head) = parse_request(raw.as_bytes(), "127.0.0.9", true)
+            .unwrap()
+            .unwrap();
+        let fields = fields(&head);
+        assert!(fields.contains("x-forwarded-proto: https\r\n"), "{fields}");
+        assert_eq!(fields.matches("x-forwarded-proto").count(), 1);
+        assert!(forward(raw)
+            .map(|h| self::fields(&h).contains("x-forwarded-proto: http\r\n"))
+            .unwrap());
+    }
+
+    #[test]
+    fn a_101_is_final_only_for_a_websocket_handshake() {
+        let switch = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                       Connection: Upgrade\r\nSec-WebSocket-Accept: a\r\n\r\nFRAME";
+        let ParsedResponse::Final(len, head) = parse_response(switch, false, true).unwrap() else {
+            panic!("a 101 to a handshake is the final answer");
+        };
+        assert_eq!(&switch[len..], b"FRAME");
+        assert!(head.upgraded && !head.reusable && head.framing.is_done());
+        assert_eq!(
+            String::from_utf8(head.head).unwrap(),
+            "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nSec-WebSocket-Accept: a\r\n"
+        );
+        assert!(
+            parse_response(switch, false, false).is_err(),
+            "not asked for"
+        );
+        let other =
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n";
+        assert!(parse_response(other, false, true).is_err());
+        let bare = b"HTTP/1.1 101 Switching Protocols\r\n\r\n";
+        assert!(parse_response(bare, false, true).is_err());
+        // A refusal is an ordinary response.
+        let refused = b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: 0\r\n\r\n";
+        let ParsedResponse::Final(_, head) = parse_response(refused, false, true).unwrap() else {
+            panic!("a 426 is final");
+        };
+        assert!(!head.upgraded && head.reusable);
+    }
+
+    #[test]
     fn absolute_form_targets_become_origin_form() {
         let head = forward("GET http://example.com:81?x=1 HTTP/1.0\r\n\r\n").unwrap();
         assert_eq!(head.request_line(), b"GET /?x=1 HTTP/1.1\r\n");
@@ -629,7 +775,7 @@ mod tests {
     fn responses_lose_hop_by_hop_and_framing_fields() {
         let raw = b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\n\
                     Content-Length: 3\r\nServer: b\r\n\r\nabc";
-        let ParsedResponse::Final(len, head) = parse_response(raw, false).unwrap() else {
+        let ParsedResponse::Final(len, head) = parse_response(raw, false, false).unwrap() else {
             panic!("complete");
         };
         assert_eq!(&raw[len..], b"abc");
@@ -638,7 +784,7 @@ mod tests {
         assert!(head.reusable);
 
         let ParsedResponse::Final(_, head) =
-            parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", true).unwrap()
+            parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", true, false).unwrap()
         else {
             panic!("complete");
         };
@@ -650,6 +796,7 @@ mod tests {
         let ParsedResponse::Final(_, head) = parse_response(
             b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\nTransfer-Encoding: chunked\r\n\r\n",
             false,
+            false,
         )
         .unwrap() else {
             panic!("complete");
@@ -658,7 +805,7 @@ mod tests {
         assert!(!head.reusable);
 
         let ParsedResponse::Final(_, head) =
-            parse_response(b"HTTP/1.0 200 OK\r\n\r\n", false).unwrap()
+            parse_response(b"HTTP/1.0 200 OK\r\n\r\n", false, false).unwrap()
         else {
             panic!("complete");
         };
@@ -666,11 +813,12 @@ mod tests {
         assert!(!head.reusable);
 
         assert!(matches!(
-            parse_response(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200", false),
+            parse_response(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200", false, false),
             Ok(ParsedResponse::Interim(25))
         ));
         assert!(parse_response(
             b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            false,
             false
         )
         .is_err());

@@ -1,21 +1,14 @@
 //! HTTP/1.1 pieces both sides of the proxy share: body framing and its
-//! decoder (RFC 9112 §6, §7.1), header-field classification, and reads and
-//! writes on a `&TcpStream` (so one task can read a connection's request
-//! body and write its response without splitting it).
+//! decoder (RFC 9112 §6, §7.1), header-field classification, and timed
+//! reads and body writes on a [`Stream`].
 
-use std::future::poll_fn;
-use std::io::{self, IoSlice};
-use std::task::{ready, Context, Poll};
+use std::io;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::Interest;
-use tokio::net::TcpStream;
 
-/// How much is read from a socket at a time.
-pub const READ_CHUNK: usize = 16 * 1024;
-/// Below this much free space a read first grows the buffer.
-const MIN_READ: usize = 1024;
+use crate::transport::Stream;
+pub use crate::transport::READ_CHUNK;
 /// Longest chunk-size line (with extensions) or trailer line.
 const MAX_CHUNK_LINE: usize = 4096;
 
@@ -187,124 +180,22 @@ pub fn invalid(what: &'static str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what)
 }
 
-/// Reads what `stream` has into `buf`, waiting until something (or the end
-/// of the stream, `Ok(0)`) arrives.
-pub async fn read_more(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
-    poll_fn(|cx| poll_read_more(stream, cx, buf)).await
-}
-
-/// [`read_more`], failing with `TimedOut` and `stalled` as the message if
-/// nothing arrives within `stall`.
+/// [`Stream::read_more`], failing with `TimedOut` and `stalled` as the
+/// message if nothing arrives within `stall`.
 pub async fn read_more_within(
-    stream: &TcpStream,
+    stream: &Stream,
     buf: &mut BytesMut,
     stall: Duration,
     stalled: &'static str,
 ) -> io::Result<usize> {
-    tokio::time::timeout(stall, read_more(stream, buf))
+    tokio::time::timeout(stall, stream.read_more(buf))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, stalled))?
 }
 
-/// [`read_more`] for poll-based callers.
-///
-/// A read that returns less than it asked for has emptied the socket's
-/// receive queue, so the socket is marked not readable until the event loop
-/// says otherwise (as NGINX does): the next read waits for the peer instead
-/// of making a system call that would only fail with `EAGAIN`. New data
-/// always brings a new readiness event, so nothing is missed.
-pub fn poll_read_more(
-    stream: &TcpStream,
-    cx: &mut Context<'_>,
-    buf: &mut BytesMut,
-) -> Poll<io::Result<usize>> {
-    if buf.capacity() - buf.len() < MIN_READ {
-        buf.reserve(READ_CHUNK);
-    }
-    loop {
-        let asked = buf.capacity() - buf.len();
-        let mut got = None;
-        let result = stream.try_io(Interest::READABLE, || {
-            let n = stream.try_read_buf(buf)?;
-            got = Some(n);
-            if n > 0 && n < asked {
-                // Drained: have tokio clear the readiness it saw.
-                Err(io::ErrorKind::WouldBlock.into())
-            } else {
-                Ok(n)
-            }
-        });
-        if let Some(n) = got {
-            return Poll::Ready(Ok(n));
-        }
-        match result {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                ready!(stream.poll_read_ready(cx))?;
-            }
-            Err(e) => return Poll::Ready(Err(e)),
-            Ok(n) => return Poll::Ready(Ok(n)),
-        }
-    }
-}
-
-/// Writes all of `parts`, in order, with as few system calls as the socket
-/// allows. With `stall`, waiting longer than that for the socket to take
-/// more is an error (a reader that stopped reading).
-pub async fn write_all(
-    stream: &TcpStream,
-    parts: &[&[u8]],
-    stall: Option<Duration>,
-) -> io::Result<()> {
-    let mut part = 0;
-    let mut offset = 0;
-    while part < parts.len() {
-        if parts[part].len() == offset {
-            part += 1;
-            offset = 0;
-            continue;
-        }
-        let mut slices = [IoSlice::new(&[]); 4];
-        let mut count = 0;
-        for (i, p) in parts[part..].iter().take(slices.len()).enumerate() {
-            slices[i] = IoSlice::new(if i == 0 { &p[offset..] } else { p });
-            count += 1;
-        }
-        let written = loop {
-            match stream.try_write_vectored(&slices[..count]) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => match stall {
-                    None => stream.writable().await?,
-                    Some(stall) => tokio::time::timeout(stall, stream.writable())
-                        .await
-                        .map_err(|_| {
-                            io::Error::new(io::ErrorKind::TimedOut, "the peer stopped reading")
-                        })??,
-                },
-                other => break other?,
-            }
-        };
-        if written == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        // Skip what was written.
-        let mut left = written;
-        while left > 0 && part < parts.len() {
-            let available = parts[part].len() - offset;
-            if left >= available {
-                left -= available;
-                part += 1;
-                offset = 0;
-            } else {
-                offset += left;
-                left = 0;
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Writes one piece of a body in the given framing: as is, or as a chunk.
 pub async fn write_body(
-    stream: &TcpStream,
+    stream: &Stream,
     data: &[u8],
     chunked: bool,
     stall: Option<Duration>,
@@ -314,9 +205,11 @@ pub async fn write_body(
     }
     if chunked {
         let size = chunk_size_line(data.len());
-        write_all(stream, &[size.as_bytes(), data, b"\r\n"], stall).await
+        stream
+            .write_all(&[size.as_bytes(), data, b"\r\n"], stall)
+            .await
     } else {
-        write_all(stream, &[data], stall).await
+        stream.write_all(&[data], stall).await
     }
 }
 

@@ -27,6 +27,7 @@ mod error;
 mod forward;
 mod headers;
 mod http1;
+mod tunnel;
 mod upstream;
 mod view;
 
@@ -50,6 +51,7 @@ use crate::config::{Config, DEFAULT_LISTEN_BACKLOG};
 use crate::generation::{BuildError, Generations, ReloadError, State};
 use crate::metrics::Metrics;
 use crate::throttle::LogThrottle;
+use crate::transport::Stream;
 
 /// Why the balancer could not start.
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +97,7 @@ impl Shared {
 /// A running balancer: its listener, worker threads and health checker.
 pub struct Proxy {
     local_addr: SocketAddr,
+    tls_addr: Option<SocketAddr>,
     admin_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
     shutdown: watch::Sender<Option<Duration>>,
@@ -128,6 +131,18 @@ impl Proxy {
         let local_addr = listeners[0]
             .local_addr()
             .map_err(|source| StartError::Bind { address, source })?;
+        // The TLS listener, if on: as many sockets, one per worker.
+        let mut tls_listeners: Vec<Option<std::net::TcpListener>> = Vec::new();
+        let mut tls_addr = None;
+        if let Some(tls) = first.config().tls.as_ref() {
+            let bound = bind_per_worker(tls.address, tuning.listen_backlog, tuning.worker_threads)?;
+            tls_addr = Some(bound[0].local_addr().map_err(|source| StartError::Bind {
+                address: tls.address,
+                source,
+            })?);
+            tls_listeners.extend(bound.into_iter().map(Some));
+        }
+        tls_listeners.resize_with(listeners.len(), || None);
         let admin_listener = match admin_address {
             Some(address) => Some(bind(address, DEFAULT_LISTEN_BACKLOG)?),
             None => None,
@@ -151,7 +166,7 @@ impl Proxy {
             ));
         }
         let mut workers = Vec::with_capacity(tuning.worker_threads);
-        for (id, listener) in listeners.into_iter().enumerate() {
+        for (id, (listener, tls_listener)) in listeners.into_iter().zip(tls_listeners).enumerate() {
             let (done, finished) = oneshot::channel();
             let worker = Worker {
                 id,
@@ -160,12 +175,13 @@ impl Proxy {
             };
             std::thread::Builder::new()
                 .name(format!("lb-worker-{id}"))
-                .spawn(move || worker.run(listener, done))
+                .spawn(move || worker.run(listener, tls_listener, done))
                 .map_err(StartError::Thread)?;
             workers.push(finished);
         }
         Ok(Proxy {
             local_addr,
+            tls_addr,
             admin_addr,
             shared,
             shutdown,
@@ -176,6 +192,11 @@ impl Proxy {
     /// The bound address (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The bound TLS address, if the TLS listener is on.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_addr
     }
 
     /// The bound admin address, if the admin listener is on.
@@ -224,6 +245,7 @@ impl std::fmt::Debug for Proxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Proxy")
             .field("local_addr", &self.local_addr)
+            .field("tls_addr", &self.tls_addr)
             .field("admin_addr", &self.admin_addr)
             .field("workers", &self.workers.len())
             .finish_non_exhaustive()
@@ -302,7 +324,12 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(self, listener: std::net::TcpListener, done: oneshot::Sender<()>) {
+    fn run(
+        self,
+        listener: std::net::TcpListener,
+        tls_listener: Option<std::net::TcpListener>,
+        done: oneshot::Sender<()>,
+    ) {
         let runtime = match tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -317,9 +344,12 @@ impl Worker {
             }
         };
         runtime.block_on(async move {
-            match TcpListener::from_std(listener) {
-                Ok(listener) => self.serve(listener).await,
-                Err(error) => tracing::error!(worker = self.id, "cannot use the listener: {error}"),
+            let tls_listener = tls_listener.map(TcpListener::from_std).transpose();
+            match (TcpListener::from_std(listener), tls_listener) {
+                (Ok(listener), Ok(tls_listener)) => self.serve(listener, tls_listener).await,
+                (Err(error), _) | (_, Err(error)) => {
+                    tracing::error!(worker = self.id, "cannot use the listener: {error}")
+                }
             }
         });
         // Connections still open past the shutdown timeout end with the
@@ -328,7 +358,7 @@ impl Worker {
         drop(done);
     }
 
-    async fn serve(mut self, listener: TcpListener) {
+    async fn serve(mut self, listener: TcpListener, tls_listener: Option<TcpListener>) {
         let connections = Arc::new(Connections::default());
         let shared = Arc::clone(&self.shared);
         let sweeper = tokio::spawn(async move {
@@ -347,12 +377,30 @@ impl Worker {
             }
         });
         let timeout = loop {
-            tokio::select! {
-                accepted = listener.accept() => match accepted {
+            let (accepted, tls) = tokio::select! {
+                accepted = listener.accept() => (accepted, false),
+                accepted = accept(tls_listener.as_ref()) => (accepted, true),
+                changed = self.shutdown.changed() => {
+                    break match changed {
+                        Ok(()) => self.shutdown.borrow().unwrap_or_default(),
+                        Err(_) => Duration::ZERO,
+                    };
+                }
+            };
+            {
+                match accepted {
                     Ok((stream, peer)) => {
-                        let limit = self.shared.generations.peek().config().clients.max_connections;
+                        let limit = self
+                            .shared
+                            .generations
+                            .peek()
+                            .config()
+                            .clients
+                            .max_connections;
                         match ConnectionSlot::take(&self.shared, limit) {
-                            Some(slot) => self.serve_connection(stream, peer, slot, &connections),
+                            Some(slot) => {
+                                self.serve_connection(stream, peer, tls, slot, &connections)
+                            }
                             // Closed at once; the connections already open
                             // are not disturbed.
                             None => {
@@ -371,20 +419,15 @@ impl Worker {
                         tracing::warn!("accept failed: {error}");
                         tokio::time::sleep(Duration::from_millis(10)).await;
                     }
-                },
-                changed = self.shutdown.changed() => {
-                    break match changed {
-                        Ok(()) => self.shutdown.borrow().unwrap_or_default(),
-                        Err(_) => Duration::ZERO,
-                    };
                 }
             }
         };
         // New connections are refused from here on (once every worker has
         // closed its listening socket). Idle connections close
         // at once; busy ones after their response, which says
-        // `Connection: close`.
+        // `Connection: close`; tunnels when the timeout is reached.
         drop(listener);
+        drop(tls_listener);
         sweeper.abort();
         tokio::select! {
             () = connections.all_closed() => tracing::debug!(worker = self.id, "all connections closed"),
@@ -396,21 +439,64 @@ impl Worker {
         &self,
         stream: TcpStream,
         peer: SocketAddr,
+        tls: bool,
         slot: ConnectionSlot,
         connections: &Arc<Connections>,
     ) {
         if self.shared.generations.peek().config().tuning.tcp_nodelay {
             let _ = stream.set_nodelay(true);
         }
-        let client = downstream::Client::new(peer.ip().to_canonical());
+        let client = downstream::Client::new(peer.ip().to_canonical(), tls);
         let shared = Arc::clone(&self.shared);
         let shutdown = self.shutdown.clone();
         let open = connections.open();
         tokio::spawn(async move {
+            let stream = if tls {
+                match handshake(stream, &shared, &client).await {
+                    Some(stream) => stream,
+                    None => return,
+                }
+            } else {
+                Stream::Plain(stream)
+            };
             downstream::serve(stream, client, shared, shutdown).await;
             drop(slot);
             drop(open);
         });
+    }
+}
+
+/// Accepts on the TLS listener; never ready when there is none.
+async fn accept(listener: Option<&TcpListener>) -> std::io::Result<(TcpStream, SocketAddr)> {
+    match listener {
+        Some(listener) => listener.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The server side of a TLS handshake, with the certificates of the
+/// generation current now, within `client_header_timeout`. A client that
+/// fails it (plain HTTP or garbage on the TLS port, a version below
+/// `tls_min_version`, an oversized ClientHello) or stalls in it is cut off
+/// and logged at debug; nothing of it reaches a backend.
+async fn handshake(tcp: TcpStream, shared: &Shared, client: &downstream::Client) -> Option<Stream> {
+    let (acceptor, timeout) = {
+        let state = shared.generations.peek();
+        (state.tls_acceptor()?, state.config().clients.header_timeout)
+    };
+    match tokio::time::timeout(timeout, Stream::accept_tls(tcp, &acceptor)).await {
+        Ok(Ok(stream)) => Some(stream),
+        Ok(Err(error)) => {
+            tracing::debug!(client = client.text(), "TLS handshake failed: {error}");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(
+                client = client.text(),
+                "TLS handshake not complete within client_header_timeout ({timeout:?}): closing"
+            );
+            None
+        }
     }
 }
 

@@ -17,8 +17,9 @@ use tokio::net::TcpStream;
 
 use super::downstream::ClientBody;
 use super::headers::{parse_response, ParsedResponse, RequestHead, ResponseHead};
-use super::http1::{self, read_more, read_more_within, write_all, Framing, LAST_CHUNK, READ_CHUNK};
+use super::http1::{self, read_more_within, Framing, LAST_CHUNK, READ_CHUNK};
 use crate::config::Tuning;
+use crate::transport::{Stream, TlsTarget};
 
 /// Largest response head accepted from a backend.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
@@ -29,6 +30,10 @@ pub enum UpstreamError {
     /// No connection could be made; nothing was sent.
     #[error("connect: {0}")]
     Connect(io::Error),
+    /// The TLS handshake failed (the certificate did not verify, say);
+    /// nothing was sent.
+    #[error("TLS handshake: {0}")]
+    Tls(io::Error),
     /// The connection failed before a whole response head arrived.
     #[error("{0}")]
     Io(io::Error),
@@ -53,14 +58,14 @@ pub enum UpstreamError {
 impl UpstreamError {
     /// Whether nothing of the request reached a backend.
     pub fn is_connect(&self) -> bool {
-        matches!(self, UpstreamError::Connect(_))
+        matches!(self, UpstreamError::Connect(_) | UpstreamError::Tls(_))
     }
 }
 
 /// An open connection to a backend, with what has been read but not used.
 #[derive(Debug)]
 struct Connection {
-    stream: TcpStream,
+    stream: Stream,
     buf: BytesMut,
     /// The backend address, the key it goes back to the pool under: kept
     /// per connection so that returning it costs no allocation per request.
@@ -81,9 +86,9 @@ thread_local! {
     static IDLE: RefCell<FxHashMap<String, Vec<Idle>>> = RefCell::new(FxHashMap::default());
 }
 
-/// Takes the newest idle connection to `address` that is still open, or
-/// `None`.
-fn checkout(address: &str, idle_timeout: Duration) -> Option<Connection> {
+/// Takes the newest idle connection to `address` that is still open (and
+/// TLS if `tls`, as the backend's config may have changed), or `None`.
+fn checkout(address: &str, tls: bool, idle_timeout: Duration) -> Option<Connection> {
     IDLE.with(|idle| {
         let mut idle = idle.borrow_mut();
         let list = idle.get_mut(address)?;
@@ -99,13 +104,9 @@ fn checkout(address: &str, idle_timeout: Duration) -> Option<Connection> {
             }
             // An idle connection has nothing to read: data or the end of
             // the stream means the backend closed it (or broke framing).
-            let mut probe = [0u8; 1];
-            match connection.stream.try_read(&mut probe) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    connection.reused = true;
-                    return Some(connection);
-                }
-                _ => continue,
+            if connection.stream.is_tls() == tls && connection.stream.is_idle_and_open() {
+                connection.reused = true;
+                return Some(connection);
             }
         }
         None
@@ -175,18 +176,33 @@ pub struct UpstreamResponse {
     pub body: UpstreamBody,
 }
 
-/// Sends `head` (and `body`) to `address` over an idle connection of this
+/// Where an attempt goes: a backend's address, and how to speak TLS to it
+/// if it wants TLS.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    /// `host:port`.
+    pub address: &'a str,
+    /// `Some` for a backend with `"tls": true`.
+    pub tls: Option<&'a TlsTarget>,
+}
+
+/// Sends `head` (and `body`) to `target` over an idle connection of this
 /// thread or a new one, and reads the response head.
 pub async fn send(
-    address: &str,
+    target: Target<'_>,
     head: &RequestHead,
     body: &mut ClientBody<'_>,
     limits: Limits,
 ) -> Result<UpstreamResponse, UpstreamError> {
+    let address = target.address;
     loop {
-        let connection = match checkout(address, limits.tuning.upstream_idle_timeout) {
+        let connection = match checkout(
+            address,
+            target.tls.is_some(),
+            limits.tuning.upstream_idle_timeout,
+        ) {
             Some(connection) => connection,
-            None => connect(address, limits).await?,
+            None => connect(target, limits).await?,
         };
         let reused = connection.reused;
         match exchange(connection, address, head, body, limits).await {
@@ -202,28 +218,39 @@ pub async fn send(
     }
 }
 
-async fn connect(address: &str, limits: Limits) -> Result<Connection, UpstreamError> {
-    let stream =
-        match tokio::time::timeout(limits.connect_timeout, TcpStream::connect(address)).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(error)) => return Err(UpstreamError::Connect(error)),
-            Err(_) => {
-                return Err(UpstreamError::Connect(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!(
-                        "no connection within connect_timeout ({:?})",
-                        limits.connect_timeout
-                    ),
-                )))
-            }
-        };
-    if limits.tuning.tcp_nodelay {
-        stream.set_nodelay(true).map_err(UpstreamError::Connect)?;
-    }
+/// A new connection to `target`: TCP, and the TLS handshake for a TLS
+/// backend, both within `connect_timeout`.
+async fn connect(target: Target<'_>, limits: Limits) -> Result<Connection, UpstreamError> {
+    let connecting = async {
+        let tcp = TcpStream::connect(target.address)
+            .await
+            .map_err(UpstreamError::Connect)?;
+        if limits.tuning.tcp_nodelay {
+            tcp.set_nodelay(true).map_err(UpstreamError::Connect)?;
+        }
+        match target.tls {
+            None => Ok(Stream::Plain(tcp)),
+            Some(tls) => Stream::connect_tls(tcp, &tls.connector, tls.name.clone())
+                .await
+                .map_err(UpstreamError::Tls),
+        }
+    };
+    let stream = match tokio::time::timeout(limits.connect_timeout, connecting).await {
+        Ok(stream) => stream?,
+        Err(_) => {
+            return Err(UpstreamError::Connect(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "no connection within connect_timeout ({:?})",
+                    limits.connect_timeout
+                ),
+            )))
+        }
+    };
     Ok(Connection {
         stream,
         buf: BytesMut::with_capacity(READ_CHUNK),
-        address: address.into(),
+        address: target.address.into(),
         reused: false,
     })
 }
@@ -250,10 +277,10 @@ async fn exchange(
         reused,
         ..
     } = &mut connection;
-    let stream: &TcpStream = stream;
+    let stream: &Stream = stream;
     let reused = *reused;
     let stall = Some(limits.read_timeout);
-    if let Err(error) = write_all(stream, &parts, stall).await {
+    if let Err(error) = stream.write_all(&parts, stall).await {
         return Err(stale_or(reused, error));
     }
     // The body is written while the head is awaited: a backend may answer
@@ -266,7 +293,7 @@ async fn exchange(
         let mut request_done = body.is_done();
         let chunked = matches!(head.framing, Framing::Chunked(_));
         let write = send_body(stream, body, chunked, stall);
-        let read = read_head(stream, buf, reused, head_request);
+        let read = read_head(stream, buf, reused, head_request, head.upgrade);
         let answer_by = tokio::time::sleep(limits.read_timeout);
         tokio::pin!(write, read, answer_by);
         let mut write_error = None;
@@ -309,7 +336,8 @@ async fn exchange(
         pool: reusable.then_some(limits.tuning.upstream_keepalive),
         read_timeout: limits.read_timeout,
     };
-    if body.framing.is_done() {
+    // After a 101 the connection is the tunnel's, not the pool's.
+    if body.framing.is_done() && !response.upgraded {
         body.finish();
     }
     Ok(UpstreamResponse {
@@ -334,7 +362,7 @@ fn stale_or(reused: bool, error: io::Error) -> UpstreamError {
 }
 
 async fn send_body(
-    stream: &TcpStream,
+    stream: &Stream,
     body: &mut ClientBody<'_>,
     chunked: bool,
     stall: Option<Duration>,
@@ -348,7 +376,8 @@ async fn send_body(
             .map_err(UpstreamError::Io)?;
     }
     if chunked {
-        write_all(stream, &[LAST_CHUNK], stall)
+        stream
+            .write_all(&[LAST_CHUNK], stall)
             .await
             .map_err(UpstreamError::Io)?;
     }
@@ -358,16 +387,17 @@ async fn send_body(
 /// Reads until a final (non-1xx) response head is in `buf`, parses it and
 /// takes it out of `buf`.
 async fn read_head(
-    stream: &TcpStream,
+    stream: &Stream,
     buf: &mut BytesMut,
     reused: bool,
     head_request: bool,
+    upgrade: bool,
 ) -> Result<ResponseHead, UpstreamError> {
     let mut received_any = false;
     loop {
         if !buf.is_empty() {
             received_any = true;
-            match parse_response(buf, head_request).map_err(UpstreamError::Invalid)? {
+            match parse_response(buf, head_request, upgrade).map_err(UpstreamError::Invalid)? {
                 ParsedResponse::Final(len, head) => {
                     buf.advance(len);
                     return Ok(head);
@@ -382,7 +412,7 @@ async fn read_head(
                 return Err(UpstreamError::Invalid("response head too large"));
             }
         }
-        match read_more(stream, buf).await {
+        match stream.read_more(buf).await {
             Ok(0) if reused && !received_any => return Err(UpstreamError::StaleConnection),
             Ok(0) => {
                 return Err(UpstreamError::Io(io::Error::new(
@@ -436,6 +466,12 @@ impl UpstreamBody {
         if let (Some(connection), Some(keepalive)) = (self.connection.take(), self.pool.take()) {
             checkin(connection, keepalive);
         }
+    }
+
+    /// After a `101`: the connection, now a tunnel's backend side, and
+    /// what the backend sent past its answer.
+    pub fn into_upgraded(mut self) -> Option<(Stream, BytesMut)> {
+        self.connection.take().map(|c| (c.stream, c.buf))
     }
 
     /// The next piece of body already received, without waiting.

@@ -172,7 +172,7 @@ mod tests {
     use crate::proxy::headers::parse_request;
 
     fn head(text: &str) -> RequestHead {
-        parse_request(text.as_bytes(), "10.0.0.7")
+        parse_request(text.as_bytes(), "10.0.0.7", false)
             .unwrap()
             .unwrap()
             .1
