@@ -431,11 +431,11 @@ def parse_wrk(text):
     }
 
 
-def run_wrk(port, conns, seconds, out_path, scheme="http", headers=()):
+def run_wrk(port, conns, seconds, out_path, scheme="http", headers=(), host="127.0.0.1"):
     argv = ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency"]
     for h in headers:
         argv += ["-H", h]
-    argv.append(f"{scheme}://127.0.0.1:{port}/")
+    argv.append(f"{scheme}://{host}:{port}/")
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, preexec_fn=_child_setup)
     try:
@@ -702,6 +702,23 @@ def haproxy_has_openssl():
     return False, "`haproxy -vv` shows no OpenSSL (USE_OPENSSL), so this haproxy cannot terminate TLS"
 
 
+def wrk_tls_host(notes):
+    """The host name wrk is given for https: `localhost` when it resolves to
+    127.0.0.1 only, so wrk sends a valid SNI (it sends the URL's host, and
+    an IP address there is not allowed: rustls ignores it with a WARN log
+    line per handshake), else 127.0.0.1 with a note."""
+    try:
+        addrs = {a[4][0] for a in socket.getaddrinfo("localhost", 443, type=socket.SOCK_STREAM)}
+    except OSError as e:
+        addrs = {f"error: {e}"}
+    if addrs == {"127.0.0.1"}:
+        return "localhost"
+    notes.append(f"`localhost` resolves to {', '.join(sorted(addrs))}, not only 127.0.0.1, so wrk was "
+                 "given 127.0.0.1 and sent that as SNI (invalid; rustls logs a warning per handshake)")
+    log(notes[-1])
+    return "127.0.0.1"
+
+
 def tls_context(cafile):
     """A client context that verifies the run's certificate (its own CA)."""
     ctx = ssl.create_default_context(cafile=cafile)
@@ -710,34 +727,44 @@ def tls_context(cafile):
 
 
 def _tls_get(ctx, port, session=None):
-    """One GET / over a new TLS connection to 127.0.0.1 (SNI and name check:
-    localhost); returns (status line, ssl socket's facts) after the whole
-    answer was read, so TLS 1.3 tickets sent after the handshake are in."""
+    """One GET / with `Connection: close` over a new TLS connection to
+    127.0.0.1 (SNI and name check: localhost); returns (status line, facts)
+    after the whole answer was read, so TLS 1.3 tickets sent after the
+    handshake are in the session. `close_notify`: whether the server ended
+    the connection with one (else a bare TCP close)."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
-        with ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls:
+        with ctx.wrap_socket(raw, server_hostname="localhost", session=session,
+                             suppress_ragged_eofs=False) as tls:
+            # Read now: after a bare TCP close OpenSSL no longer says.
+            facts = {"protocol": tls.version(), "cipher": tls.cipher()[0],
+                     "reused": tls.session_reused, "close_notify": True}
             tls.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
             data = b""
             while True:
-                chunk = tls.recv(65536)
+                try:
+                    chunk = tls.recv(65536)
+                except ssl.SSLEOFError:
+                    facts["close_notify"] = False
+                    break
                 if not chunk:
                     break
                 data += chunk
-            return data.split(b"\r\n", 1)[0].decode(errors="replace"), {
-                "protocol": tls.version(), "cipher": tls.cipher()[0],
-                "session": tls.session, "reused": tls.session_reused}
+            facts["session"] = tls.session
+            return data.split(b"\r\n", 1)[0].decode(errors="replace"), facts
 
 
 def tls_probe(port, cafile):
     """What a client gets from a target: protocol, cipher and key exchange
     group as wrk's OpenSSL negotiates them (`openssl s_client`, no ALPN),
-    whether TLS 1.2 alone is accepted, and whether the target resumes a
-    session from its own ticket (Python's ssl, which verifies the
-    certificate). Only facts, no pass or fail: fairness notes for the table."""
+    whether TLS 1.2 alone is accepted, whether the target resumes a
+    session from its own ticket and ends a `Connection: close` answer with a
+    close_notify (Python's ssl, which verifies the certificate). Only facts, no pass or fail: fairness notes for the table."""
     facts = {}
     ctx = tls_context(cafile)
     try:
         status, first = _tls_get(ctx, port)
         facts["protocol"], facts["cipher"] = first["protocol"], first["cipher"]
+        facts["close_notify"] = first["close_notify"]
         if not status.startswith("HTTP/1.1 200"):
             facts["error"] = f"answered {status!r}"
         _, second = _tls_get(ctx, port, session=first["session"])
@@ -821,7 +848,7 @@ def tls_table(args, results, started_at, binary, notes, lb_threads_note, probes)
         f"- date: {started_at:%Y-%m-%d %H:%M} UTC; machine: {os.cpu_count()} CPUs (nproc), "
         f"{cpu_model()}, Linux {os.uname().release}",
         f"- versions: {versions(binary, tls=True)}",
-        "- setup: HTTPS from wrk to each balancer, plain HTTP with keep-alive to the backends; "
+        f"- setup: HTTPS from wrk (`https://{args.wrk_host}:port/`, so SNI `{args.wrk_host}`) to each balancer, plain HTTP with keep-alive to the backends; "
         "2 workers/threads for every balancer, backends: 1 nginx worker, wrk -t1"
         f"{lb_threads_note}; {args.backends} backends answering 200 \"ok\\n\"; loopback only",
         "- TLS: one self-signed ECDSA P-256 certificate (openssl) for all; TLS 1.2 and 1.3 on; "
@@ -878,18 +905,21 @@ def tls_table(args, results, started_at, binary, notes, lb_threads_note, probes)
     lines += [
         "",
         "Negotiated with each target (`openssl s_client`, the library wrk uses, no ALPN; "
-        "`resumes`: a second connection offering the first one's session was resumed, Python ssl):",
+        "`resumes`: a second connection offering the first one's session was resumed; "
+        "`close_notify`: a `Connection: close` answer ends with one, not a bare TCP close; Python ssl):",
         "",
-        "| target | protocol | cipher | group | signature | TLS 1.2 alone | resumes |",
-        "|---|---|---|---|---|---|---|",
+        "| target | protocol | cipher | group | signature | TLS 1.2 alone | resumes | close_notify |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for target in args.targets:
         f = probes.get(target)
         if not f:
             continue
-        resumes = "yes" if f.get("resumes") else ("no" if "resumes" in f else "–")
+        def yes_no(key):
+            return "yes" if f.get(key) else ("no" if key in f else "–")
         lines.append(f"| {target} | {f.get('protocol', '–')} | {f.get('cipher', '–')} | {f.get('group', '?')} "
-                     f"| {f.get('signature', '?')} | {f.get('tls12', '?')} | {resumes} |")
+                     f"| {f.get('signature', '?')} | {f.get('tls12', '?')} | {yes_no('resumes')} "
+                     f"| {yes_no('close_notify')} |")
     if notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
@@ -991,6 +1021,7 @@ def run_tls(args, procs, workdir, results_dir, started_at):
             notes.append(f"{t}: the TLS probe failed: {probes[t]['error']}")
 
     tests = tls_tests(args)
+    host = args.wrk_host = wrk_tls_host(notes)
     per_run = args.duration + WARMUP_SECONDS
     total = per_run * len(targets) * len(tests) * args.rounds
     log(f"{len(targets)} targets x {len(tests)} tests x {args.rounds} rounds "
@@ -1012,9 +1043,9 @@ def run_tls(args, procs, workdir, results_dir, started_at):
                     continue
                 headers = ["Connection: close"] if test == NEW_CONN else []
                 base = os.path.join(results_dir, "wrk", f"r{rnd}-{t}-{test}-c{conns}")
-                run_wrk(target_ports[t], conns, WARMUP_SECONDS, base + ".warmup.txt", "https", headers)
+                run_wrk(target_ports[t], conns, WARMUP_SECONDS, base + ".warmup.txt", "https", headers, host)
                 before = tree_cpu(proc.pid)
-                r = run_wrk(target_ports[t], conns, args.duration, base + ".txt", "https", headers)
+                r = run_wrk(target_ports[t], conns, args.duration, base + ".txt", "https", headers, host)
                 after = tree_cpu(proc.pid)
                 if r is not None and r.get("requests"):
                     user, system = cpu_delta(before, after)

@@ -43,7 +43,8 @@
 # skipped, with a note, if `haproxy -vv` shows no OpenSSL). The balancer's
 # config is the plain one plus `tls_listen_address` and `tls_certificates`
 # (paths relative to the config). Measured in the same interleaved rounds:
-#   keep-alive  wrk over https at --connections (64 and 256): req/s, p50/p99,
+#   keep-alive  wrk over https://localhost:T/ (a valid SNI; wrk sends the
+#               URL host) at --connections (64 and 256): req/s, p50/p99,
 #               errors;
 #   new-conn    wrk -H "Connection: close" at --handshake-connections (64):
 #               every request a new TCP and TLS connection, so req/s is the
