@@ -48,6 +48,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+sys.dont_write_bytecode = True  # no __pycache__ beside the scripts
 import run as load  # noqa: E402  (the load bench's templates and process helpers)
 
 OK = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n"
