@@ -35,8 +35,46 @@
 #                                              # the strategy call's share of the CPU
 #   benches/load/run.sh --help                 # every option
 #
-# Installs wrk, nginx and haproxy (and linux-perf for --cpu-profile) with
-# apt-get only if a command is missing.
+# TLS mode (--tls): the same backends (plain HTTP), but every balancer
+# terminates HTTPS. Targets (default): nginx-rr, haproxy-rr, lb-rr (--only
+# takes any target but direct). One ECDSA P-256 self-signed certificate for
+# CN/SAN localhost and IP 127.0.0.1 is made with openssl in the working dir
+# and served by all three (HAProxy gets cert and key in one file; it is
+# skipped, with a note, if `haproxy -vv` shows no OpenSSL). The balancer's
+# config is the plain one plus `tls_listen_address` and `tls_certificates`
+# (paths relative to the config). Measured in the same interleaved rounds:
+#   keep-alive  wrk over https://localhost:T/ (a valid SNI; wrk sends the
+#               URL host) at --connections (64 and 256): req/s, p50/p99,
+#               errors;
+#   new-conn    wrk -H "Connection: close" at --handshake-connections (64):
+#               every request a new TCP and TLS connection, so req/s is the
+#               new-TLS-connection rate;
+#   and for both, the balancer's CPU time per request: utime+stime of its
+#   whole process tree (nginx: master and workers) from /proc just before
+#   and after the measured run, divided by the requests wrk completed, and
+#   the per-round ratio of that to nginx-rr's.
+# TLS fairness: the same certificate and key everywhere; TLS 1.2 and 1.3
+# enabled in all three (nginx `ssl_protocols TLSv1.2 TLSv1.3`, HAProxy's
+# default since 2.2, rustls's default); cipher suites, key exchange groups,
+# session tickets and session caches left at each server's defaults (nginx
+# and HAProxy on the system OpenSSL, the balancer on rustls), and no ALPN
+# (wrk sends none): the table lists what each one negotiated with wrk's
+# OpenSSL (protocol, cipher, group, signature), whether TLS 1.2 alone is
+# accepted, and whether a session is resumed from a ticket. wrk keeps the
+# session of its last connection when it reconnects (SSL_clear), so in the
+# new-conn test it offers a resumption each time: a server that takes it
+# does a PSK (+ECDHE in TLS 1.3) handshake without a certificate signature,
+# one that does not a full handshake; the `resumes` column says which, and
+# the rate and CPU per handshake are what each server's defaults give such
+# a client. Backends, workers, keep-alive to the backends and logging are as
+# in the plain mode. CPU from /proc counts in clock ticks (10 ms), small
+# against the seconds a measured run takes.
+#   benches/load/run.sh --tls                  # 10 s x 3 rounds, about 5 minutes
+#   benches/load/run.sh --tls --duration 2 --rounds 1    # about 1 minute
+#   benches/load/run.sh --tls --only nginx-rr,haproxy-rr --handshake-connections "64 256"
+#
+# Installs wrk, nginx and haproxy (and linux-perf for --cpu-profile, openssl
+# for --tls) with apt-get only if a command is missing.
 # Loopback only; every process is started by benches/load/run.py, which stops
 # exactly those, by PID, on exit, Ctrl-C or SIGTERM. Results (table.md, raw wrk
 # outputs, results.json) go to target/load-results/<UTC time>/ (or
@@ -54,11 +92,13 @@ export LOAD_BENCH_SCRIPT="$0"
 # --help and bad options answer at once, before any install or build.
 no_build=0
 cpu_profile=0
+tls=0
 for arg in "$@"; do
     case "$arg" in
         -h | --help) exec python3 "$here/run.py" --help ;;
         --no-build) no_build=1 ;;
         --cpu-profile) cpu_profile=1 ;;
+        --tls) tls=1 ;;
     esac
 done
 python3 "$here/run.py" --parse-only "$@"
@@ -70,6 +110,7 @@ command -v haproxy >/dev/null || missing+=(haproxy)
 command -v nginx >/dev/null || missing+=(nginx)
 command -v python3 >/dev/null || missing+=(python3)
 if [ "$cpu_profile" -eq 1 ] && ! command -v perf >/dev/null; then missing+=(linux-perf); fi
+if [ "$tls" -eq 1 ] && ! command -v openssl >/dev/null; then missing+=(openssl); fi
 if [ "${#missing[@]}" -gt 0 ]; then
     sudo=()
     [ "$(id -u)" -eq 0 ] || sudo=(sudo)
