@@ -106,6 +106,30 @@ impl Site {
 }
 
 #[tokio::test]
+async fn a_closed_tls_connection_ends_with_close_notify() {
+    // `Connection: close` over TLS: the answer, then a `close_notify`,
+    // which a rustls client reads as a clean end (`Ok(0)`); a bare TCP
+    // close would be `UnexpectedEof` (truncation cannot be ruled out).
+    let backend = TestBackend::start("closing").await;
+    let site = Site::start(json!([backend.address()]), json!({})).await;
+    let mut tls = support::tls::connect(site.tls, "site.test", client_config(&site.ca))
+        .await
+        .unwrap();
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: site.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut answer))
+        .await
+        .expect("the balancer closes within 10 s");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.ends_with("closing"), "{text}");
+    assert!(read.is_ok(), "not a clean TLS close: {read:?}");
+    assert_eq!(backend.hits(), 1);
+}
+
+#[tokio::test]
 async fn https_reaches_the_backend_marked_https_and_plain_stays_http() {
     let backend = TestBackend::start("plain-b").await;
     let site = Site::start(json!([backend.address()]), json!({})).await;

@@ -67,11 +67,22 @@ impl Client {
 }
 
 /// Serves one client connection until it closes, breaks the protocol, times
-/// out, or the balancer shuts down.
+/// out, or the balancer shuts down; then closes it (a TLS connection with
+/// a `close_notify`, so that the client can tell the end from a cut).
 pub(super) async fn serve(
     stream: Stream,
     client: Client,
     shared: Arc<Shared>,
+    shutdown: watch::Receiver<Option<Duration>>,
+) {
+    serve_requests(&stream, &client, &shared, shutdown).await;
+    stream.close().await;
+}
+
+async fn serve_requests(
+    stream: &Stream,
+    client: &Client,
+    shared: &Arc<Shared>,
     mut shutdown: watch::Receiver<Option<Duration>>,
 ) {
     let mut buf = BytesMut::new();
@@ -82,7 +93,7 @@ pub(super) async fn serve(
         // has arrived, so a connection idle across a reload follows the new
         // config (and holds no generation while idle).
         let limits = shared.generations.peek().config().clients;
-        let head = match read_head(&stream, &mut buf, &client, limits, first, &mut shutdown).await {
+        let head = match read_head(stream, &mut buf, client, limits, first, &mut shutdown).await {
             Ok(head) => head,
             Err(HeadFailure::Closed) => return,
             Err(HeadFailure::Refused(error)) => {
@@ -99,7 +110,7 @@ pub(super) async fn serve(
                 shared
                     .metrics()
                     .record_request(NO_BACKEND, status, Duration::ZERO);
-                let _ = write_error(&stream, status, &error.to_string(), false, true).await;
+                let _ = write_error(stream, status, &error.to_string(), false, true).await;
                 return;
             }
         };
@@ -109,7 +120,7 @@ pub(super) async fn serve(
         // duration only, so an idle connection stays small (about 10,000
         // of them in a few MiB).
         let keep_going = Box::pin(serve_request(
-            &stream, &mut buf, head, &client, &shared, &state, &shutdown,
+            stream, &mut buf, head, client, shared, &state, &shutdown,
         ))
         .await;
         if !keep_going {

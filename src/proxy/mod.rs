@@ -452,7 +452,10 @@ impl Worker {
         let open = connections.open();
         tokio::spawn(async move {
             let stream = if tls {
-                match handshake(stream, &shared, &client).await {
+                // Boxed: a handshake in progress holds a whole TLS session;
+                // inline, it would make every connection's task that much
+                // larger, plain ones included, for their whole life.
+                match Box::pin(handshake(stream, &shared, &client)).await {
                     Some(stream) => stream,
                     None => return,
                 }

@@ -169,6 +169,18 @@ impl Stream {
         }
     }
 
+    /// Closes the connection's writing side as a well-behaved peer does:
+    /// for TLS a `close_notify` first (within a second; a client that has
+    /// gone is not waited for), for plain TCP nothing, as dropping the
+    /// socket closes it.
+    pub async fn close(&self) {
+        if self.is_tls() {
+            let _ =
+                tokio::time::timeout(Duration::from_secs(1), poll_fn(|cx| self.poll_shutdown(cx)))
+                    .await;
+        }
+    }
+
     /// Writes all of `parts`, in order, with as few system calls (and TLS
     /// records) as the connection allows. With `stall`, waiting longer
     /// than that for the connection to take more is an error (a reader
