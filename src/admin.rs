@@ -1,5 +1,5 @@
 //! The admin listener (`admin_address`): `GET /metrics`, `GET /backends`,
-//! `GET /config`, `POST /reload`. Off unless configured; it has no
+//! `GET /config`, `GET /status`, `POST /reload`. Off unless configured; it has no
 //! authentication, so it belongs on a loopback or private address.
 
 use std::convert::Infallible;
@@ -30,7 +30,9 @@ pub(crate) async fn serve(
                 "the admin API on {address} is not on a loopback address; it has no authentication"
             );
         }
-        tracing::info!("admin API on http://{address} (/metrics, /backends, /config, /reload)");
+        tracing::info!(
+            "admin API on http://{address} (/metrics, /backends, /config, /status, /reload)"
+        );
     }
     loop {
         let stream = tokio::select! {
@@ -79,13 +81,13 @@ fn json(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> 
 
 async fn route(shared: &Generations, request: Request<Incoming>) -> Response<Full<Bytes>> {
     let allowed = match request.uri().path() {
-        "/metrics" | "/backends" | "/config" => Method::GET,
+        "/metrics" | "/backends" | "/config" | "/status" => Method::GET,
         "/reload" => Method::POST,
         _ => {
             return respond(
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                "not found: try /metrics, /backends, /config or POST /reload\n",
+                "not found: try /metrics, /backends, /config, /status or POST /reload\n",
             )
         }
     };
@@ -130,6 +132,16 @@ async fn route(shared: &Generations, request: Request<Incoming>) -> Response<Ful
             json(StatusCode::OK, &serde_json::Value::Array(backends))
         }
         "/config" => json(StatusCode::OK, &state.config().to_json()),
+        "/status" => json(
+            StatusCode::OK,
+            &serde_json::json!({
+                "pid": std::process::id(),
+                "version": env!("CARGO_PKG_VERSION"),
+                "uptime_seconds": shared.uptime().as_secs(),
+                "config_reloads": shared.reloads(),
+                "config": state.config().summary(),
+            }),
+        ),
         _ => match shared.reload().await {
             Ok(summary) => json(
                 StatusCode::OK,

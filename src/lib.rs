@@ -28,6 +28,7 @@ pub mod describe;
 pub mod fields;
 pub mod generation;
 pub mod health;
+pub mod limits;
 pub mod metrics;
 pub mod proxy;
 pub mod random;

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use rust_load_balancer::balancer::{self, workload, StrategySetup};
 use rust_load_balancer::config::{self as lbconfig, SandboxLimits, StrategySource};
 use rust_load_balancer::generation::State;
+use rust_load_balancer::limits;
 use rust_load_balancer::metrics::Metrics;
 use rust_load_balancer::scaffold;
 use rust_load_balancer::server::Registry;
@@ -167,8 +168,13 @@ enum LogFormat {
 fn main() -> ExitCode {
     let args = Args::parse();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colour only for a person at a terminal: never in a file or a pipe, and
+    // not when NO_COLOR is set (https://no-color.org).
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     match args.log_format {
         LogFormat::Text => logs.init(),
@@ -221,6 +227,14 @@ fn main() -> ExitCode {
 
 async fn run(config: Config, path: PathBuf) -> ExitCode {
     let summary = config.summary();
+    if let Some(limit) = limits::raise_file_limit() {
+        if limit.now > limit.was {
+            tracing::debug!("open-file limit raised from {} to {}", limit.was, limit.now);
+        }
+        if let Some(warning) = limits::shortfall(&config, limit.now) {
+            tracing::warn!("{warning}");
+        }
+    }
     let proxy = match Proxy::start_from_file(config, path).await {
         Ok(proxy) => proxy,
         Err(error) => {

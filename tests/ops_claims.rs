@@ -516,7 +516,21 @@ async fn a_reload_swaps_backends_weights_and_health_while_a_staying_backend_keep
     let listed = json_of(&admin, "/backends").await;
     assert_eq!(listed[1]["requests_total"], 9, "{listed}");
     // a got no request after it left (its health checks stopped counting).
-    let metrics = scrape(&admin).await;
+    // A request is counted in lb_requests_total just after its response
+    // is written, so the client may see the answer first: wait for it.
+    let started = std::time::Instant::now();
+    let metrics = loop {
+        let metrics = scrape(&admin).await;
+        let b_total = sample(
+            &metrics,
+            "lb_requests_total",
+            &[("backend", &b.address()), ("code", "200")],
+        );
+        if b_total >= Some(9.0) || started.elapsed() > Duration::from_secs(5) {
+            break metrics;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(
         sample(
             &metrics,

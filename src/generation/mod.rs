@@ -283,6 +283,10 @@ pub struct Generations {
     /// Throttles the "no healthy backend" warning, which would otherwise
     /// come once per request during an outage.
     outage_log: LogThrottle,
+    /// When the first generation was built.
+    started: std::time::Instant,
+    /// Reloads that put a new generation in service.
+    reloads: std::sync::atomic::AtomicU64,
 }
 
 impl Generations {
@@ -303,8 +307,21 @@ impl Generations {
             reload_lock: tokio::sync::Mutex::new(()),
             checker: Mutex::new(None),
             outage_log: LogThrottle::new(Duration::from_secs(1)),
+            started: std::time::Instant::now(),
+            reloads: std::sync::atomic::AtomicU64::new(0),
         };
         Ok((generations, state))
+    }
+
+    /// Time since the first generation was built (the process's start,
+    /// near enough).
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Reloads that succeeded since the start.
+    pub fn reloads(&self) -> u64 {
+        self.reloads.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The generation in service.
@@ -370,6 +387,10 @@ impl Generations {
         let _one_at_a_time = self.reload_lock.lock().await;
         let result = self.try_reload().await;
         self.metrics.record_reload(result.is_ok());
+        if result.is_ok() {
+            self.reloads
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         match &result {
             Ok(summary) => tracing::info!("config reloaded: {summary}"),
             Err(error) => {

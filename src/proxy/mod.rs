@@ -81,6 +81,8 @@ pub(crate) struct Shared {
     open_connections: AtomicUsize,
     /// Throttles the "max_connections reached" warning.
     busy_log: LogThrottle,
+    /// Throttles the "accept failed" warning (out of descriptors, say).
+    accept_log: LogThrottle,
 }
 
 impl Shared {
@@ -153,6 +155,7 @@ impl Proxy {
             generations: Arc::new(generations),
             open_connections: AtomicUsize::new(0),
             busy_log: LogThrottle::new(Duration::from_secs(1)),
+            accept_log: LogThrottle::new(Duration::from_secs(1)),
         });
         shared.generations.install(first);
         let (shutdown, signal) = watch::channel(None);
@@ -414,10 +417,25 @@ impl Worker {
                     // The connection was reset before accept.
                     Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
                     Err(error) => {
-                        // Out of descriptors, say: back off briefly instead
-                        // of spinning, keep serving.
-                        tracing::warn!("accept failed: {error}");
-                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        // Out of descriptors (EMFILE, ENFILE) most often:
+                        // the waiting connection stays in the accept queue,
+                        // so accepting again at once would fail again.
+                        // This worker pauses (its open connections are
+                        // served meanwhile, and may close and give
+                        // descriptors back); one line a second at most.
+                        let out_of_files = matches!(error.raw_os_error(), Some(23 | 24));
+                        if let Some(suppressed) = self.shared.accept_log.allow() {
+                            if out_of_files {
+                                tracing::warn!(
+                                    suppressed,
+                                    "accept failed: {error}; pausing accepts briefly (raise the open-file limit or lower max_connections)"
+                                );
+                            } else {
+                                tracing::warn!(suppressed, "accept failed: {error}");
+                            }
+                        }
+                        let pause = if out_of_files { 100 } else { 10 };
+                        tokio::time::sleep(Duration::from_millis(pause)).await;
                     }
                 }
             }

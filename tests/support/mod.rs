@@ -497,7 +497,14 @@ impl Binary {
     /// `admin_address`) may use port 0: the addresses are read from the
     /// balancer's own log lines, so no port is guessed.
     pub async fn spawn(config: &std::path::Path, args: &[&str]) -> Binary {
-        let mut binary = Binary::launch(config, args);
+        Binary::spawn_under("", config, args).await
+    }
+
+    /// [`Binary::spawn`] through `sh -c`, running the shell commands
+    /// `setup` (such as `ulimit -n 100`) first, then `exec`ing the balancer
+    /// (so its PID is the child's).
+    pub async fn spawn_under(setup: &str, config: &std::path::Path, args: &[&str]) -> Binary {
+        let mut binary = Binary::launch_under(setup, config, args);
         let started = std::time::Instant::now();
         while binary.addr().is_none() {
             if let Some(status) = binary.child.try_wait().unwrap() {
@@ -519,10 +526,25 @@ impl Binary {
     /// Runs `rust_load_balancer --config <config> <args>` with its stderr
     /// going to a log file.
     fn launch(config: &std::path::Path, args: &[&str]) -> Binary {
+        Binary::launch_under("", config, args)
+    }
+
+    fn launch_under(setup: &str, config: &std::path::Path, args: &[&str]) -> Binary {
         let dir = tempfile::tempdir().unwrap();
         let log_path = dir.path().join("stderr.log");
         let log = std::fs::File::create(&log_path).unwrap();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_rust_load_balancer"))
+        let binary = env!("CARGO_BIN_EXE_rust_load_balancer");
+        let mut command = if setup.is_empty() {
+            std::process::Command::new(binary)
+        } else {
+            let mut shell = std::process::Command::new("sh");
+            shell
+                .arg("-c")
+                .arg(format!("{setup} && exec \"$0\" \"$@\""))
+                .arg(binary);
+            shell
+        };
+        let child = command
             .arg("--config")
             .arg(config)
             .args(args)
