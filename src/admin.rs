@@ -1,5 +1,7 @@
 //! The admin listener (`admin_address`): `GET /metrics`, `GET /backends`,
-//! `GET /config`, `GET /status`, `POST /reload`. Off unless configured; it has no
+//! `GET /config`, `GET /status`, `POST /reload`, and run-time control of
+//! one backend: `POST /backends/{id}/drain`, `POST /backends/{id}/enable`,
+//! `PUT /backends/{id}/weight`. Off unless configured; it has no
 //! authentication, so it belongs on a loopback or private address.
 
 use std::convert::Infallible;
@@ -80,6 +82,10 @@ fn json(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> 
 }
 
 async fn route(shared: &Generations, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    if let Some(rest) = request.uri().path().strip_prefix("/backends/") {
+        let rest = rest.to_string();
+        return control(shared, &rest, request).await;
+    }
     let allowed = match request.uri().path() {
         "/metrics" | "/backends" | "/config" | "/status" => Method::GET,
         "/reload" => Method::POST,
@@ -119,6 +125,7 @@ async fn route(shared: &Generations, request: Request<Incoming>) -> Response<Ful
                     serde_json::json!({
                         "address": b.address(),
                         "weight": b.weight(),
+                        "configured_weight": b.configured_weight(),
                         "id": b.id(),
                         "labels": b.labels().iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
                         "healthy": b.is_healthy(),
@@ -126,6 +133,7 @@ async fn route(shared: &Generations, request: Request<Incoming>) -> Response<Ful
                         "active_connections": b.in_flight(),
                         "latency_micros": b.latency_micros(),
                         "requests_total": b.requests_total(),
+                        "ejections_total": b.ejections_total(),
                     })
                 })
                 .collect();
@@ -153,4 +161,111 @@ async fn route(shared: &Generations, request: Request<Incoming>) -> Response<Ful
             ),
         },
     }
+}
+
+/// `POST /backends/{id}/drain`, `POST /backends/{id}/enable` and
+/// `PUT /backends/{id}/weight` (`rest` is what follows `/backends/`). The
+/// id is the backend's in `/backends`. What is set stays across reloads
+/// while the backend's address stays in the config.
+async fn control(
+    shared: &Generations,
+    rest: &str,
+    request: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let state = shared.current();
+    let Some((id, action)) = rest.split_once('/') else {
+        return text(
+            StatusCode::NOT_FOUND,
+            "not found: try /backends/{id}/drain, /enable or /weight\n",
+        );
+    };
+    let backend = match id.parse::<u32>().ok().and_then(|id| state.pool().get(id)) {
+        Some(backend) => Arc::clone(backend),
+        None => {
+            return text(
+                StatusCode::NOT_FOUND,
+                &format!("no backend with id {id:?}: see GET /backends\n"),
+            )
+        }
+    };
+    let wanted = match action {
+        "drain" | "enable" => Method::POST,
+        "weight" => Method::PUT,
+        _ => {
+            return text(
+                StatusCode::NOT_FOUND,
+                "not found: try /drain, /enable or /weight\n",
+            )
+        }
+    };
+    if request.method() != wanted {
+        let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+        response.headers_mut().insert(
+            ALLOW,
+            HeaderValue::from_str(wanted.as_str()).expect("a method is a valid header"),
+        );
+        return response;
+    }
+    match action {
+        "drain" => {
+            backend.set_draining(true);
+            tracing::info!(
+                backend = backend.address(),
+                "backend {} draining: no new requests; {} in flight finish",
+                backend.address(),
+                backend.in_flight()
+            );
+        }
+        "enable" => {
+            backend.set_draining(false);
+            backend.readmit();
+            tracing::info!(
+                backend = backend.address(),
+                "backend {} enabled",
+                backend.address()
+            );
+        }
+        _ => {
+            let body = match http_body_util::BodyExt::collect(request.into_body()).await {
+                Ok(body) => body.to_bytes(),
+                Err(error) => return text(StatusCode::BAD_REQUEST, &format!("{error}\n")),
+            };
+            let weight = std::str::from_utf8(&body)
+                .ok()
+                .and_then(|t| t.trim().parse::<u64>().ok())
+                .filter(|w| (1..=crate::config::MAX_WEIGHT).contains(w));
+            let Some(weight) = weight else {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    &format!(
+                        "the body must be a whole number from 1 to {}, got {:?}\n",
+                        crate::config::MAX_WEIGHT,
+                        String::from_utf8_lossy(&body)
+                    ),
+                );
+            };
+            backend.set_weight(Some(weight as u32));
+            // Strategies that plan from the weights (a 0.2.0 module's
+            // `configure`) are told at once.
+            state.balancer().configure(&state.pool().infos());
+            tracing::info!(
+                backend = backend.address(),
+                "backend {} weight set to {weight}",
+                backend.address()
+            );
+        }
+    }
+    json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "id": backend.id(),
+            "address": backend.address(),
+            "state": backend.state().as_str(),
+            "weight": backend.weight(),
+        }),
+    )
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    respond(status, "text/plain", body.to_string())
 }

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use rust_load_balancer::config::{
     default_worker_threads, BackendConfig, BackendTls, CertificateFiles, ClientLimits, ConfigError,
-    Format, HashKey, HealthConfig, SandboxLimits, StrategySource, TlsListener, TlsVersion, Tuning,
+    Format, HashKey, HealthConfig, OutlierConfig, SandboxLimits, StrategySource, TlsListener,
+    TlsVersion, Tuning,
 };
 use rust_load_balancer::Config;
 use serde_json::{json, Value};
@@ -79,6 +80,9 @@ fn every_key(workers: u32) -> Value {
         "unhealthy_threshold": 7,
         "healthy_threshold": 5,
         "max_retries": 4,
+        "outlier_consecutive_5xx": 3,
+        "outlier_base_ejection_time": 10.5,
+        "outlier_max_ejection_percent": 34,
         "connect_timeout": 1.5,
         "strategy_fuel": 12345,
         "strategy_timeout": 0.125,
@@ -150,6 +154,11 @@ fn every_key_of_the_table_reaches_its_own_field() {
             healthy_threshold: 5,
             unhealthy_threshold: 7,
             max_retries: 4,
+            outlier: OutlierConfig {
+                consecutive_5xx: 3,
+                base_ejection_time: Duration::from_millis(10500),
+                max_ejection_percent: 34,
+            },
         },
         connect_timeout: Duration::from_millis(1500),
         admin_address: Some("127.0.0.4:9191".parse().unwrap()),
@@ -288,6 +297,9 @@ fn field(config: &Config, key: &str) -> Value {
         "unhealthy_threshold" => json!(config.health.unhealthy_threshold),
         "healthy_threshold" => json!(config.health.healthy_threshold),
         "max_retries" => json!(config.health.max_retries),
+        "outlier_consecutive_5xx" => json!(config.health.outlier.consecutive_5xx),
+        "outlier_base_ejection_time" => secs(config.health.outlier.base_ejection_time),
+        "outlier_max_ejection_percent" => json!(config.health.outlier.max_ejection_percent),
         "connect_timeout" => secs(config.connect_timeout),
         "strategy_fuel" => json!(config.sandbox.fuel),
         "strategy_timeout" => secs(config.sandbox.timeout),

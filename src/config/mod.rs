@@ -62,6 +62,13 @@ pub const DEFAULT_LISTEN_BACKLOG: u32 = 1024;
 pub const DEFAULT_UPSTREAM_KEEPALIVE: u32 = 128;
 /// Default `upstream_idle_timeout`, in seconds.
 pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: f64 = 60.0;
+/// Default `outlier_consecutive_5xx`: consecutive 5xx answers that eject a
+/// backend (as Envoy's `consecutive_5xx`).
+pub const DEFAULT_OUTLIER_CONSECUTIVE_5XX: u32 = 5;
+/// Default `outlier_base_ejection_time`, in seconds (as Envoy's).
+pub const DEFAULT_OUTLIER_BASE_EJECTION_TIME: f64 = 30.0;
+/// Default `outlier_max_ejection_percent`.
+pub const DEFAULT_OUTLIER_MAX_EJECTION_PERCENT: u32 = 50;
 /// Default `tunnel_idle_timeout`, in seconds: an hour, as a WebSocket
 /// connection may be quiet for long between messages.
 pub const DEFAULT_TUNNEL_IDLE_TIMEOUT: f64 = 3600.0;
@@ -411,6 +418,34 @@ pub struct HealthConfig {
     pub unhealthy_threshold: u32,
     /// How many other backends a failed request may be retried on.
     pub max_retries: u32,
+    /// Ejection of backends that answer with 5xx.
+    pub outlier: OutlierConfig,
+}
+
+/// Outlier detection on responses: a backend that answers
+/// `consecutive_5xx` times in a row with a 5xx is taken out for
+/// `base_ejection_time`, twice as long on each ejection in a row, up to ten
+/// times that, while at most `max_ejection_percent` of the backends are
+/// out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutlierConfig {
+    /// `outlier_consecutive_5xx`; 0 turns outlier detection off.
+    pub consecutive_5xx: u32,
+    /// `outlier_base_ejection_time`.
+    pub base_ejection_time: Duration,
+    /// `outlier_max_ejection_percent`, 0 to 100.
+    pub max_ejection_percent: u32,
+}
+
+impl Default for OutlierConfig {
+    /// Defaults: 5 in a row, 30 s, at most 50 % of the backends.
+    fn default() -> Self {
+        OutlierConfig {
+            consecutive_5xx: DEFAULT_OUTLIER_CONSECUTIVE_5XX,
+            base_ejection_time: Duration::from_secs_f64(DEFAULT_OUTLIER_BASE_EJECTION_TIME),
+            max_ejection_percent: DEFAULT_OUTLIER_MAX_EJECTION_PERCENT,
+        }
+    }
 }
 
 impl Default for HealthConfig {
@@ -423,6 +458,7 @@ impl Default for HealthConfig {
             healthy_threshold: DEFAULT_HEALTHY_THRESHOLD,
             unhealthy_threshold: DEFAULT_UNHEALTHY_THRESHOLD,
             max_retries: DEFAULT_MAX_RETRIES,
+            outlier: OutlierConfig::default(),
         }
     }
 }
@@ -565,6 +601,9 @@ impl Config {
             "healthy_threshold": self.health.healthy_threshold,
             "unhealthy_threshold": self.health.unhealthy_threshold,
             "max_retries": self.health.max_retries,
+            "outlier_consecutive_5xx": self.health.outlier.consecutive_5xx,
+            "outlier_base_ejection_time": self.health.outlier.base_ejection_time.as_secs_f64(),
+            "outlier_max_ejection_percent": self.health.outlier.max_ejection_percent,
             "connect_timeout": self.connect_timeout.as_secs_f64(),
             "strategy_fuel": self.sandbox.fuel,
             "strategy_timeout": self.sandbox.timeout.as_secs_f64(),
@@ -747,6 +786,26 @@ impl RawConfig {
                 DEFAULT_UNHEALTHY_THRESHOLD,
             )?,
             max_retries: self.max_retries.unwrap_or(DEFAULT_MAX_RETRIES),
+            outlier: OutlierConfig {
+                consecutive_5xx: self
+                    .outlier_consecutive_5xx
+                    .unwrap_or(DEFAULT_OUTLIER_CONSECUTIVE_5XX),
+                base_ejection_time: seconds(
+                    "outlier_base_ejection_time",
+                    self.outlier_base_ejection_time,
+                    DEFAULT_OUTLIER_BASE_EJECTION_TIME,
+                )?,
+                max_ejection_percent: match self.outlier_max_ejection_percent {
+                    None => DEFAULT_OUTLIER_MAX_EJECTION_PERCENT,
+                    Some(p) if p <= 100 => p,
+                    Some(p) => {
+                        return Err(invalid(
+                            "outlier_max_ejection_percent",
+                            format!("must be from 0 to 100, got {p}"),
+                        ))
+                    }
+                },
+            },
         };
 
         let memory_mib = self

@@ -45,6 +45,9 @@ pub(super) struct RawConfig {
     pub tls_min_version: Option<String>,
     pub upstream_ca_file: Option<String>,
     pub tunnel_idle_timeout: Option<f64>,
+    pub outlier_consecutive_5xx: Option<u32>,
+    pub outlier_base_ejection_time: Option<f64>,
+    pub outlier_max_ejection_percent: Option<u32>,
 }
 
 /// One of `tls_certificates`: a certificate chain and its key, PEM files.

@@ -25,7 +25,7 @@ use crate::balancer::{
 use crate::config::{Config, ConfigError};
 use crate::health;
 use crate::metrics::Metrics;
-use crate::server::{Backend, Registry};
+use crate::server::{Backend, Ejection, Registry};
 use crate::throttle::LogThrottle;
 use crate::transport::tls::{self, TlsError};
 use crate::transport::{TlsAcceptor, TlsConnector, TlsTarget};
@@ -75,6 +75,9 @@ pub struct State {
     tls_acceptor: Option<Arc<rustls::ServerConfig>>,
     /// How to speak TLS to each backend, by id; empty when none wants TLS.
     upstream_tls: Vec<Option<TlsTarget>>,
+    /// Throttles the warning that an outlier stays in because too many
+    /// backends are ejected.
+    outlier_log: LogThrottle,
 }
 
 /// What [`State::pick`] decided.
@@ -148,6 +151,7 @@ impl State {
             sees_requests,
             tls_acceptor,
             upstream_tls,
+            outlier_log: LogThrottle::new(Duration::from_secs(1)),
         })
     }
 
@@ -231,6 +235,9 @@ impl State {
             None => {
                 backend.record_latency(Duration::from_micros(u64::from(outcome.latency_micros)));
                 backend.observe_health(true, health.healthy_threshold, health.unhealthy_threshold);
+                if let Some(status) = outcome.status {
+                    self.detect_outlier(metrics, backend, status);
+                }
             }
             Some(failure) => {
                 if backend.observe_health(
@@ -251,6 +258,50 @@ impl State {
             }
         }
         self.balancer.observe(outcome);
+    }
+}
+
+impl State {
+    /// Outlier detection on one answer's status: a backend that reaches
+    /// `outlier_consecutive_5xx` in a row is ejected, unless that would
+    /// take out more than `outlier_max_ejection_percent` of the backends.
+    fn detect_outlier(&self, metrics: &Metrics, backend: &Backend, status: u16) {
+        let outlier = self.config.health.outlier;
+        let may_eject = || {
+            let backends = self.pool.backends();
+            let allowed = backends.len() * outlier.max_ejection_percent as usize / 100;
+            let out = backends.iter().filter(|b| b.is_ejected()).count();
+            out < allowed
+        };
+        match backend.observe_status(
+            status,
+            outlier.consecutive_5xx,
+            outlier.base_ejection_time,
+            may_eject,
+        ) {
+            Ejection::None => {}
+            Ejection::Ejected(time) => {
+                metrics.record_ejection(backend.address());
+                tracing::warn!(
+                    backend = backend.address(),
+                    "backend {} ejected for {time:?} after {} consecutive 5xx answers (last: {status})",
+                    backend.address(),
+                    outlier.consecutive_5xx
+                );
+            }
+            Ejection::Capped => {
+                if let Some(suppressed) = self.outlier_log.allow() {
+                    tracing::warn!(
+                        backend = backend.address(),
+                        suppressed,
+                        "backend {} answered {} consecutive 5xx but stays in: outlier_max_ejection_percent ({} %) of the backends are ejected already",
+                        backend.address(),
+                        outlier.consecutive_5xx,
+                        outlier.max_ejection_percent
+                    );
+                }
+            }
+        }
     }
 }
 

@@ -84,6 +84,7 @@ pub struct Metrics {
     reloads: Family<ResultLabels, Counter>,
     log_dropped: Counter,
     tunnels: Gauge,
+    ejections: Family<BackendLabels, Counter>,
 }
 
 /// Request durations: 100 µs to about 100 s, doubling.
@@ -152,6 +153,12 @@ impl Metrics {
             "Config reloads, by result (success, failure)",
             reloads.clone(),
         );
+        let ejections = Family::<BackendLabels, Counter>::default();
+        registry.register(
+            "lb_outlier_ejections",
+            "Backends ejected by outlier detection (consecutive 5xx answers)",
+            ejections.clone(),
+        );
         let tunnels = Gauge::default();
         registry.register(
             "lb_tunnels_active",
@@ -189,7 +196,17 @@ impl Metrics {
             reloads,
             log_dropped,
             tunnels,
+            ejections,
         }
+    }
+
+    /// Counts one outlier ejection of `backend`.
+    pub fn record_ejection(&self, backend: &str) {
+        self.ejections
+            .get_or_create(&BackendLabels {
+                backend: backend.to_string(),
+            })
+            .inc();
     }
 
     /// Counts a tunnel as open until the returned guard is dropped.

@@ -365,18 +365,15 @@ impl Worker {
         let connections = Arc::new(Connections::default());
         let shared = Arc::clone(&self.shared);
         let sweeper = tokio::spawn(async move {
-            // Idle upstream connections past upstream_idle_timeout close.
+            // Idle upstream connections past upstream_idle_timeout close,
+            // and those to a backend being drained.
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tick.tick().await;
-                upstream::sweep(
-                    shared
-                        .generations
-                        .peek()
-                        .config()
-                        .tuning
-                        .upstream_idle_timeout,
-                );
+                let state = shared.generations.peek();
+                upstream::sweep(state.config().tuning.upstream_idle_timeout, |address| {
+                    state.pool().find(address).is_some_and(|b| b.is_draining())
+                });
             }
         });
         let timeout = loop {

@@ -143,12 +143,16 @@ fn checkin(mut connection: Connection, keepalive: usize) {
 }
 
 /// Closes this thread's idle connections that have waited `idle_timeout`
-/// or longer, and any whose backend closed them.
-pub fn sweep(idle_timeout: Duration) {
+/// or longer, and all of those to a backend `drained` says is draining.
+pub fn sweep(idle_timeout: Duration, drained: impl Fn(&str) -> bool) {
     IDLE.with(|idle| {
         let mut idle = idle.borrow_mut();
-        for list in idle.values_mut() {
-            list.retain(|i| i.since.elapsed() < idle_timeout);
+        for (address, list) in idle.iter_mut() {
+            if drained(address) {
+                list.clear();
+            } else {
+                list.retain(|i| i.since.elapsed() < idle_timeout);
+            }
         }
         idle.retain(|_, list| !list.is_empty());
     });

@@ -21,14 +21,21 @@ use rustc_hash::FxHashMap;
 use crate::balancer::{BackendInfo, BackendView};
 use crate::config::BackendConfig;
 
-/// What a backend is set to do, apart from its health: the operator's (and
-/// later the outlier detector's) word. Only an `Active` and healthy backend
-/// is eligible.
+/// Where a backend stands, as `/backends` shows it (HAProxy's runtime
+/// states, named for this balancer): one value, never inferred from
+/// several flags by a reader. Only an `Active` backend is eligible.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
 pub enum BackendState {
-    /// Receives traffic while healthy.
-    Active = 0,
+    /// Receives traffic.
+    Active,
+    /// Set by the operator (`POST /backends/{id}/drain`): no new requests;
+    /// those in flight finish.
+    Draining,
+    /// Failing its health checks or proxied requests.
+    Unhealthy,
+    /// Taken out for a while after consecutive 5xx answers (outlier
+    /// detection).
+    Ejected,
 }
 
 impl BackendState {
@@ -36,12 +43,33 @@ impl BackendState {
     pub fn as_str(self) -> &'static str {
         match self {
             BackendState::Active => "active",
+            BackendState::Draining => "draining",
+            BackendState::Unhealthy => "unhealthy",
+            BackendState::Ejected => "ejected",
         }
     }
+}
 
-    fn from_u8(_value: u8) -> BackendState {
-        BackendState::Active
-    }
+/// Nanoseconds on the registry's clock (since the process's first use of
+/// it), for ejection deadlines kept in atomics.
+fn clock_nanos() -> u64 {
+    static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    ORIGIN
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_nanos() as u64
+}
+
+/// What [`Backend::observe_status`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ejection {
+    /// Nothing changed.
+    None,
+    /// The backend was ejected for this long.
+    Ejected(Duration),
+    /// The streak reached the threshold, but ejecting it would take out more
+    /// than `outlier_max_ejection_percent` of the backends.
+    Capped,
 }
 
 /// One backend and what the balancer knows about it right now.
@@ -61,7 +89,23 @@ pub struct Backend {
 /// its position or weight changes.
 #[derive(Debug)]
 struct Stats {
-    state: AtomicU8,
+    /// Set by the operator: draining (1) or not (0).
+    draining: AtomicU8,
+    /// A weight set at run time (`PUT /backends/{id}/weight`); 0: the
+    /// configured one.
+    weight: AtomicU32,
+    /// Until when (on [`clock_nanos`]) it is ejected; 0: not ejected.
+    ejected_until: AtomicU64,
+    /// Ejections so far in the current series (the next lasts twice as
+    /// long, up to ten times the base).
+    ejections: AtomicU32,
+    /// Ejections since start, for `/backends`.
+    ejections_total: AtomicU64,
+    /// When its last ejection ended (on [`clock_nanos`]), so that a series
+    /// of ejections ends once it has stayed in long enough.
+    readmitted_at: AtomicU64,
+    /// Consecutive 5xx answers.
+    consecutive_5xx: AtomicU32,
     active: AtomicU32,
     latency_micros: AtomicU32,
     requests_total: AtomicU64,
@@ -72,7 +116,13 @@ struct Stats {
 impl Default for Stats {
     fn default() -> Stats {
         Stats {
-            state: AtomicU8::new(BackendState::Active as u8),
+            draining: AtomicU8::new(0),
+            weight: AtomicU32::new(0),
+            ejected_until: AtomicU64::new(0),
+            ejections: AtomicU32::new(0),
+            ejections_total: AtomicU64::new(0),
+            readmitted_at: AtomicU64::new(0),
+            consecutive_5xx: AtomicU32::new(0),
             active: AtomicU32::new(0),
             latency_micros: AtomicU32::new(0),
             requests_total: AtomicU64::new(0),
@@ -133,9 +183,123 @@ impl Backend {
         &self.authority
     }
 
-    /// Configured weight (at least 1).
+    /// Its weight (at least 1): one set at run time, else the configured
+    /// one.
     pub fn weight(&self) -> u32 {
+        match self.stats.weight.load(Ordering::Relaxed) {
+            0 => self.weight,
+            set => set,
+        }
+    }
+
+    /// The weight the config gives it.
+    pub fn configured_weight(&self) -> u32 {
         self.weight
+    }
+
+    /// Sets its weight at run time (kept across reloads while the address
+    /// stays); `None` goes back to the configured one.
+    pub fn set_weight(&self, weight: Option<u32>) {
+        // 0 means none set; a weight is at least 1.
+        let stored = weight.map_or(0, |w| w.max(1));
+        self.stats.weight.store(stored, Ordering::Relaxed);
+    }
+
+    /// Stops (`true`) or resumes (`false`) new requests to it; requests in
+    /// flight are not disturbed. Kept across reloads while the address
+    /// stays.
+    pub fn set_draining(&self, draining: bool) {
+        self.stats
+            .draining
+            .store(u8::from(draining), Ordering::Relaxed);
+    }
+
+    /// Whether the operator is draining it.
+    pub fn is_draining(&self) -> bool {
+        self.stats.draining.load(Ordering::Relaxed) != 0
+    }
+
+    /// Whether outlier detection has it out now. An ejection whose time is
+    /// up ends here, the first time anyone asks.
+    pub fn is_ejected(&self) -> bool {
+        let until = self.stats.ejected_until.load(Ordering::Relaxed);
+        if until == 0 {
+            return false;
+        }
+        let now = clock_nanos();
+        if now < until {
+            return true;
+        }
+        if self
+            .stats
+            .ejected_until
+            .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            self.stats.readmitted_at.store(now, Ordering::Relaxed);
+            self.stats.consecutive_5xx.store(0, Ordering::Relaxed);
+            tracing::info!(
+                backend = self.address(),
+                "backend {} readmitted after its outlier ejection",
+                self.address()
+            );
+        }
+        false
+    }
+
+    /// Ends an ejection now (`POST /backends/{id}/enable`).
+    pub fn readmit(&self) {
+        self.stats.ejected_until.store(0, Ordering::Relaxed);
+        self.stats.consecutive_5xx.store(0, Ordering::Relaxed);
+    }
+
+    /// Ejections since start.
+    pub fn ejections_total(&self) -> u64 {
+        self.stats.ejections_total.load(Ordering::Relaxed)
+    }
+
+    /// Counts one answer's status towards outlier detection: `threshold`
+    /// consecutive 5xx (0: off) eject the backend for `base`, doubled for
+    /// each ejection in a row up to ten times `base`, unless `may_eject`
+    /// says that would take out too many backends. A series ends once the
+    /// backend has stayed in for ten times `base`.
+    pub fn observe_status(
+        &self,
+        status: u16,
+        threshold: u32,
+        base: Duration,
+        may_eject: impl FnOnce() -> bool,
+    ) -> Ejection {
+        if threshold == 0 {
+            return Ejection::None;
+        }
+        if status < 500 {
+            if self.stats.consecutive_5xx.load(Ordering::Relaxed) != 0 {
+                self.stats.consecutive_5xx.store(0, Ordering::Relaxed);
+            }
+            return Ejection::None;
+        }
+        let streak = self.stats.consecutive_5xx.fetch_add(1, Ordering::Relaxed) + 1;
+        if streak < threshold || self.is_ejected() {
+            return Ejection::None;
+        }
+        if !may_eject() {
+            return Ejection::Capped;
+        }
+        let now = clock_nanos();
+        let cap = base * 10;
+        let readmitted = self.stats.readmitted_at.load(Ordering::Relaxed);
+        if readmitted != 0 && now.saturating_sub(readmitted) >= cap.as_nanos() as u64 {
+            self.stats.ejections.store(0, Ordering::Relaxed);
+        }
+        let previous = self.stats.ejections.fetch_add(1, Ordering::Relaxed);
+        let time = base.saturating_mul(1u32 << previous.min(4)).min(cap);
+        self.stats
+            .ejected_until
+            .store(now + time.as_nanos() as u64, Ordering::Relaxed);
+        self.stats.consecutive_5xx.store(0, Ordering::Relaxed);
+        self.stats.ejections_total.fetch_add(1, Ordering::Relaxed);
+        Ejection::Ejected(time)
     }
 
     /// Operator-given labels, sorted by key.
@@ -143,14 +307,24 @@ impl Backend {
         &self.labels
     }
 
-    /// What it is set to do, apart from its health.
+    /// Where it stands: the operator's drain first, then an ejection,
+    /// then its health.
     pub fn state(&self) -> BackendState {
-        BackendState::from_u8(self.stats.state.load(Ordering::Relaxed))
+        if self.is_draining() {
+            BackendState::Draining
+        } else if self.is_ejected() {
+            BackendState::Ejected
+        } else if !self.is_healthy() {
+            BackendState::Unhealthy
+        } else {
+            BackendState::Active
+        }
     }
 
-    /// Whether a strategy may choose it now: healthy and active.
+    /// Whether a strategy may choose it now: healthy, not drained, not
+    /// ejected.
     pub fn is_eligible(&self) -> bool {
-        self.is_healthy() && self.state() == BackendState::Active
+        self.is_healthy() && !self.is_draining() && !self.is_ejected()
     }
 
     /// Requests in flight to this backend through this balancer.
@@ -177,7 +351,7 @@ impl Backend {
     pub fn view(&self) -> BackendView {
         BackendView {
             id: self.id,
-            weight: self.weight,
+            weight: self.weight(),
             in_flight: self.in_flight(),
             latency_micros: self.latency_micros(),
         }
@@ -188,7 +362,7 @@ impl Backend {
         BackendInfo {
             id: self.id,
             address: self.address.clone(),
-            weight: self.weight,
+            weight: self.weight(),
             labels: self.labels.clone(),
         }
     }

@@ -39,6 +39,8 @@ pub struct BackendState {
     pub hits: AtomicUsize,
     /// TCP connections accepted.
     pub accepts: AtomicUsize,
+    /// TCP connections that have ended (closed by either side).
+    pub closed: AtomicUsize,
     /// Milliseconds to wait before answering any request.
     pub delay_ms: AtomicU64,
     /// Status of `GET /health` (200 unless set).
@@ -108,6 +110,11 @@ impl TestBackend {
         self.state.accepts.load(Ordering::SeqCst)
     }
 
+    /// Connections open now.
+    pub fn open_connections(&self) -> usize {
+        self.accepts() - self.state.closed.load(Ordering::SeqCst)
+    }
+
     /// Stops listening and drops every open connection.
     pub async fn stop(self) {
         self.task.abort();
@@ -137,6 +144,7 @@ async fn accept_loop(listener: TcpListener, name: String, state: Arc<BackendStat
         let state = Arc::clone(&state);
         let name = name.clone();
         connections.spawn(async move {
+            let counts = Arc::clone(&state);
             let service = service_fn(move |request| {
                 let state = Arc::clone(&state);
                 let name = name.clone();
@@ -145,6 +153,7 @@ async fn accept_loop(listener: TcpListener, name: String, state: Arc<BackendStat
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
+            counts.closed.fetch_add(1, Ordering::SeqCst);
         });
         while connections.try_join_next().is_some() {}
     }
