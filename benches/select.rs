@@ -4,15 +4,17 @@
 //! path, a 15-byte authority, no headers) through the built-ins and through
 //! the `probe` fixture answering round robin (the contract's own cost),
 //! `observe`, and consistent-hash's table build in `configure` for 1000
-//! backends. Run with `cargo bench --bench select`; the README has the table.
+//! backends; and `strategy_scope`: every core's thread calling `select` at
+//! once through one shared instance or one instance each. Run with
+//! `cargo bench --bench select`; the README has the table.
 
 use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use rust_load_balancer::balancer::{
-    BackendInfo, BackendView, LeastConnections, Outcome, RequestView, RoundRobin, Strategy,
-    StrategySetup, WasmStrategy, WeightedRoundRobin,
+    set_worker, BackendInfo, BackendView, Balancer, LeastConnections, Outcome, RequestView,
+    RoundRobin, Strategy, StrategySetup, WasmStrategy, WeightedRoundRobin,
 };
 use rust_load_balancer::config::SandboxLimits;
 
@@ -147,12 +149,61 @@ fn bench_v0_2(c: &mut Criterion) {
     group.finish();
 }
 
+/// `strategy_scope`: as many threads as cores each call `select` through
+/// the same [`Balancer`] at once, with one instance for all (`process`)
+/// or one per thread (`worker`). The time is per call as each thread sees
+/// it: the wall time of `iters` calls made on every thread in parallel.
+fn bench_scope(c: &mut Criterion) {
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let list = backends(16);
+    let mut group = c.benchmark_group(format!("scope/round-robin/16/{threads}-threads"));
+    for scope in ["process", "worker"] {
+        let count = if scope == "process" { 1 } else { threads };
+        let setup = StrategySetup::new(SandboxLimits::default());
+        let instances: Vec<Arc<dyn Strategy>> = (0..count)
+            .map(|_| {
+                Arc::new(WasmStrategy::builtin("round-robin", &setup).expect("loads"))
+                    as Arc<dyn Strategy>
+            })
+            .collect();
+        let balancer = Arc::new(Balancer::per_worker(instances));
+        group.bench_function(scope, |b| {
+            b.iter_custom(|iters| {
+                let start = std::sync::Barrier::new(threads);
+                std::thread::scope(|s| {
+                    let handles: Vec<_> = (0..threads)
+                        .map(|worker| {
+                            let (balancer, list, start) = (&balancer, &list, &start);
+                            s.spawn(move || {
+                                set_worker(worker);
+                                let request = RequestView::plain(1, 0);
+                                start.wait();
+                                let began = std::time::Instant::now();
+                                for _ in 0..iters {
+                                    black_box(balancer.select(&request, black_box(list)));
+                                }
+                                began.elapsed()
+                            })
+                        })
+                        .collect();
+                    handles
+                        .into_iter()
+                        .map(|h| h.join().unwrap())
+                        .max()
+                        .unwrap()
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     // Short runs: 4 x 3 x 2 cases must stay a few minutes on 2 cores.
     config = Criterion::default()
         .warm_up_time(std::time::Duration::from_millis(500))
         .measurement_time(std::time::Duration::from_secs(2));
-    targets = bench_select, bench_v0_2
+    targets = bench_select, bench_v0_2, bench_scope
 }
 criterion_main!(benches);

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use rust_load_balancer::config::{
     default_worker_threads, BackendConfig, BackendTls, CertificateFiles, ClientLimits, ConfigError,
-    Format, HashKey, HealthConfig, OutlierConfig, SandboxLimits, StrategySource, TlsListener,
-    TlsVersion, Tuning,
+    Format, HashKey, HealthConfig, OutlierConfig, SandboxLimits, StrategyScope, StrategySource,
+    TlsListener, TlsVersion, Tuning,
 };
 use rust_load_balancer::Config;
 use serde_json::{json, Value};
@@ -71,6 +71,7 @@ fn every_key(workers: u32) -> Value {
              "tls": true, "tls_server_name": "b.internal.example"},
         ],
         "strategy": "mods/mine.wasm",
+        "strategy_scope": "worker",
         "strategy_options": {"table_size": 251, "nested": [1, "two"]},
         "hash_key": "cookie:sid",
         "strategy_headers": ["X-B", "x-a"],
@@ -142,6 +143,7 @@ fn every_key_of_the_table_reaches_its_own_field() {
         ],
         // Relative to the config file's folder.
         strategy: StrategySource::Path(dir.path().join("mods/mine.wasm")),
+        strategy_scope: StrategyScope::Worker,
         sandbox: SandboxLimits {
             fuel: 12345,
             timeout: Duration::from_millis(125),
@@ -288,6 +290,7 @@ fn field(config: &Config, key: &str) -> Value {
         "backend_servers[].labels" if b.labels.is_empty() => Value::Null,
         "backend_servers[].labels" => json!(b.labels),
         "strategy" => json!(config.strategy.to_string()),
+        "strategy_scope" => json!(config.strategy_scope.as_str()),
         "strategy_options" => config.strategy_options.clone(),
         "hash_key" => json!(config.hash_key.as_ref().map(|k| k.to_string())),
         "strategy_headers" => json!(config.strategy_headers),

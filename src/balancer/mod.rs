@@ -257,11 +257,34 @@ const QUARANTINE_MAX: Duration = Duration::from_secs(10);
 /// At most one fault log line per this interval; the rest are counted.
 const FAULT_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
+thread_local! {
+    /// Which of a per-worker balancer's instances this thread calls: set
+    /// once by each serving thread ([`set_worker`]); 0 elsewhere.
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Tells the balancer that this thread is serving worker `index`, so that
+/// a balancer with one instance per worker (`strategy_scope: "worker"`)
+/// calls this worker's own instance from it.
+pub fn set_worker(index: usize) {
+    WORKER.with(|w| w.set(index));
+}
+
 /// A strategy plus the guards around it: range check, fault counting and
 /// rate-limited logging, the native round-robin fallback, and quarantine of
 /// a module that keeps faulting.
+///
+/// It holds one strategy instance for the whole process (the default:
+/// every worker calls the same instance, one at a time, so round robin is
+/// exact over all requests) or one per worker thread (no lock shared
+/// between workers; each instance sees only its worker's requests, so
+/// round robin is exact per worker). A thread calls the instance of the
+/// worker it serves ([`set_worker`]); `observe` reaches the instance that
+/// selected, since an attempt is recorded on the thread that sent it.
 pub struct Balancer {
     strategy: Arc<dyn Strategy>,
+    /// Every instance, `strategy` first; one per worker, or just it.
+    instances: Vec<Arc<dyn Strategy>>,
     fallback: RoundRobin,
     faults: [AtomicU64; FaultKind::ALL.len()],
     consecutive_faults: AtomicU32,
@@ -278,8 +301,16 @@ pub type FaultHook = Box<dyn Fn(FaultKind) + Send + Sync>;
 impl Balancer {
     /// Guards `strategy`.
     pub fn new(strategy: Arc<dyn Strategy>) -> Balancer {
+        Balancer::per_worker(vec![strategy])
+    }
+
+    /// Guards one instance per worker (`instances[i]` for worker `i`); at
+    /// least one.
+    pub fn per_worker(instances: Vec<Arc<dyn Strategy>>) -> Balancer {
+        let strategy = Arc::clone(instances.first().expect("at least one instance"));
         Balancer {
             strategy,
+            instances,
             fallback: RoundRobin::default(),
             faults: Default::default(),
             consecutive_faults: AtomicU32::new(0),
@@ -296,9 +327,24 @@ impl Balancer {
         self
     }
 
-    /// The guarded strategy.
+    /// The guarded strategy (the first instance, when there is one per
+    /// worker).
     pub fn strategy(&self) -> &Arc<dyn Strategy> {
         &self.strategy
+    }
+
+    /// How many instances: 1, or one per worker.
+    pub fn instances(&self) -> usize {
+        self.instances.len()
+    }
+
+    /// The instance this thread calls.
+    fn instance(&self) -> &Arc<dyn Strategy> {
+        if self.instances.len() == 1 {
+            return &self.strategy;
+        }
+        let worker = WORKER.with(std::cell::Cell::get);
+        &self.instances[worker % self.instances.len()]
     }
 
     /// Faults of this kind so far.
@@ -320,7 +366,7 @@ impl Balancer {
         if self.quarantined() {
             return Decision::Backend(self.fallback.pick(backends.len()));
         }
-        let result = match self.strategy.select(request, backends) {
+        let result = match self.instance().select(request, backends) {
             Ok(Some(i)) if i < backends.len() => Ok(Decision::Backend(i)),
             Ok(Some(i)) => Err(StrategyError::BadIndex {
                 index: i as u64,
@@ -355,15 +401,17 @@ impl Balancer {
         if !self.strategy.observes() || self.quarantined() {
             return;
         }
-        if let Err(fault) = self.strategy.observe(outcome) {
+        if let Err(fault) = self.instance().observe(outcome) {
             self.record_fault(&fault);
         }
     }
 
     /// Tells the strategy the configured backends changed.
     pub fn configure(&self, backends: &[BackendInfo]) {
-        if let Err(fault) = self.strategy.configure(backends) {
-            self.record_fault(&fault);
+        for instance in &self.instances {
+            if let Err(fault) = instance.configure(backends) {
+                self.record_fault(&fault);
+            }
         }
     }
 

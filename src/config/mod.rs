@@ -105,6 +105,8 @@ pub struct Config {
     pub strategy: StrategySource,
     /// Limits applied to every `select` call of the strategy module.
     pub sandbox: SandboxLimits,
+    /// One strategy instance for the process, or one per worker.
+    pub strategy_scope: StrategyScope,
     /// Health checking and retry settings.
     pub health: HealthConfig,
     /// How long connecting to a backend may take before it counts as failed.
@@ -135,6 +137,28 @@ pub struct Config {
     /// How long an upgraded connection (a WebSocket tunnel) may carry no
     /// bytes either way before it is closed.
     pub tunnel_idle_timeout: Duration,
+}
+
+/// `strategy_scope`: how many instances of the strategy module serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StrategyScope {
+    /// `"process"` (the default): one instance, called by every worker in
+    /// turn; round robin is exact over all requests.
+    #[default]
+    Process,
+    /// `"worker"`: one instance per worker thread, no lock shared between
+    /// workers; round robin is exact per worker.
+    Worker,
+}
+
+impl StrategyScope {
+    /// As written in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StrategyScope::Process => "process",
+            StrategyScope::Worker => "worker",
+        }
+    }
 }
 
 /// Where and how the balancer terminates TLS.
@@ -549,6 +573,7 @@ impl Config {
             backends: backends.iter().map(|a| BackendConfig::new(*a)).collect(),
             strategy: StrategySource::Builtin("round-robin".into()),
             sandbox: SandboxLimits::default(),
+            strategy_scope: StrategyScope::Process,
             health: HealthConfig::default(),
             connect_timeout: Duration::from_secs_f64(DEFAULT_CONNECT_TIMEOUT),
             admin_address: None,
@@ -595,6 +620,7 @@ impl Config {
             "listen_address": self.listen_address.to_string(),
             "backend_servers": backends,
             "strategy": self.strategy.to_string(),
+            "strategy_scope": self.strategy_scope.as_str(),
             "health_check_interval": self.health.interval.as_secs_f64(),
             "health_check_timeout": self.health.timeout.as_secs_f64(),
             "health_check_path": self.health.path,
@@ -917,6 +943,16 @@ impl RawConfig {
             ));
         }
         let strategy_options = self.strategy_options.unwrap_or_else(empty_options);
+        let strategy_scope = match self.strategy_scope.as_deref().map(str::trim) {
+            None | Some("process") => StrategyScope::Process,
+            Some("worker") => StrategyScope::Worker,
+            Some(other) => {
+                return Err(invalid(
+                    "strategy_scope",
+                    format!("must be \"process\" or \"worker\", got {other:?}"),
+                ))
+            }
+        };
 
         let min_version = match self.tls_min_version.as_deref().map(str::trim) {
             None | Some("1.2") => TlsVersion::Tls12,
@@ -989,6 +1025,7 @@ impl RawConfig {
             hash_key,
             strategy_headers,
             strategy_options,
+            strategy_scope,
             sandbox: SandboxLimits {
                 fuel,
                 timeout: strategy_timeout,

@@ -22,7 +22,7 @@ use crate::balancer::{
     self, BackendView, Balancer, Contract, Decision, LoadError, LogLevel, LogSink, Outcome,
     RequestView, StrategySetup, TracingLog,
 };
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, StrategyScope};
 use crate::health;
 use crate::metrics::Metrics;
 use crate::server::{Backend, Ejection, Registry};
@@ -141,8 +141,16 @@ impl State {
                 );
             }
         }
+        // With strategy_scope "worker", one more instance per further
+        // worker (the compiled module is shared; each has its own store).
+        let mut instances = vec![strategy];
+        if config.strategy_scope == StrategyScope::Worker {
+            for _ in 1..config.tuning.worker_threads {
+                instances.push(balancer::load(&config.strategy, &setup)?);
+            }
+        }
         let fault_metrics = Arc::clone(metrics);
-        let balancer = Balancer::new(strategy)
+        let balancer = Balancer::per_worker(instances)
             .on_fault(Box::new(move |kind| fault_metrics.record_fault(kind)));
         Ok(State {
             config,

@@ -333,6 +333,9 @@ impl Worker {
         tls_listener: Option<std::net::TcpListener>,
         done: oneshot::Sender<()>,
     ) {
+        // A per-worker strategy (strategy_scope "worker") is called through
+        // this worker's own instance.
+        crate::balancer::set_worker(self.id);
         let runtime = match tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
