@@ -194,9 +194,10 @@ def _child_setup():
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
-def _children_of(pid):
-    """PIDs whose parent is pid (nginx workers of a master), from /proc."""
-    found = []
+def _proc_stats():
+    """{pid: the fields of /proc/PID/stat after the command name} for every
+    process now (fields[0] is field 3, the state; fields[1] the ppid)."""
+    stats = {}
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
@@ -205,10 +206,13 @@ def _children_of(pid):
                 stat = f.read()
         except OSError:
             continue
-        fields = stat[stat.rfind(")") + 2:].split()
-        if len(fields) > 1 and fields[1] == str(pid):
-            found.append(int(d))
-    return found
+        stats[int(d)] = stat[stat.rfind(")") + 2:].split()
+    return stats
+
+
+def _children_of(pid):
+    """PIDs whose parent is pid (nginx workers of a master), from /proc."""
+    return [p for p, fields in _proc_stats().items() if len(fields) > 1 and fields[1] == str(pid)]
 
 
 def tail(path, lines=20):
@@ -795,18 +799,8 @@ def tls_probe(port, cafile):
 def tree_cpu(pid):
     """{pid: (utime, stime)} in clock ticks for pid and all its descendants
     (the nginx master and its workers; a thread's time is in its process's)."""
-    stats = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()
-        # fields[0] is field 3 (state): ppid is field 4, utime 14, stime 15.
-        stats[int(d)] = (int(fields[1]), int(fields[11]), int(fields[12]))
+    # fields[0] is field 3 (state): ppid is field 4, utime 14, stime 15.
+    stats = {p: (int(f[1]), int(f[11]), int(f[12])) for p, f in _proc_stats().items()}
     tree, todo = {}, [pid]
     while todo:
         p = todo.pop()
