@@ -71,7 +71,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Ws<S> {
                     // A ping's pong is queued: send it.
                     self.ws.flush().await?;
                 }
-                Some(Ok(Message::Close(_))) | None => return Ok(None),
+                Some(Ok(Message::Close(_))) => {
+                    // tungstenite queues the answering close frame: send
+                    // it, so the peer's close handshake ends now.
+                    let _ = self.ws.flush().await;
+                    return Ok(None);
+                }
+                None => return Ok(None),
                 Some(Ok(data)) => return Ok(Some(data)),
                 Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) => return Ok(None),
                 Some(Err(error)) => return Err(error),
