@@ -354,7 +354,19 @@ impl Balancer {
 
     /// Whether the module is being skipped after repeated faults.
     fn quarantined(&self) -> bool {
-        self.clock.nanos() < self.quarantined_until.load(Ordering::Relaxed)
+        // No clock read per call unless a quarantine was set; an expired
+        // one is cleared by the first call after it.
+        let until = self.quarantined_until.load(Ordering::Relaxed);
+        if until == 0 {
+            return false;
+        }
+        if self.clock.nanos() < until {
+            return true;
+        }
+        let _ =
+            self.quarantined_until
+                .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed);
+        false
     }
 
     /// Picks a backend among `backends` for `request`. Never fails: a fault

@@ -315,7 +315,7 @@ async fn serve_request(
         started: false,
         stall,
     };
-    let result = forward::forward(shared, state, &head, client, &mut body).await;
+    let result = forward::forward(shared, state, &head, client, &mut body, started).await;
     // An unread rest of the body leaves no way to find the next request.
     let body_done = body.is_done();
     let keep_alive = head.keep_alive && body_done && shutdown.borrow().is_none();
@@ -361,7 +361,7 @@ async fn upgrade(
     shared: &Shared,
     state: &State,
 ) {
-    let UpstreamResponse { head, body } = response;
+    let UpstreamResponse { head, body, .. } = response;
     let Some((backend, from_backend)) = body.into_upgraded() else {
         return;
     };
@@ -403,7 +403,7 @@ async fn write_response(
     keep_alive: bool,
     stall: Duration,
 ) -> (bool, bool) {
-    let UpstreamResponse { head, mut body } = response;
+    let UpstreamResponse { head, mut body, .. } = response;
     let mut out = head.head;
     let mut keep_alive = keep_alive;
     let chunked = match body.framing() {

@@ -27,6 +27,7 @@ pub(super) async fn forward(
     head: &RequestHead,
     client: &Client,
     body: &mut ClientBody<'_>,
+    started: Instant,
 ) -> Result<(UpstreamResponse, ConnectionGuard), ProxyError> {
     let retry_after_send = head.is_idempotent() && head.framing.is_done();
     let max_retries = state.config().health.max_retries as usize;
@@ -72,7 +73,13 @@ pub(super) async fn forward(
         }
 
         let guard = backend.track();
-        let sent = Instant::now();
+        // The first attempt starts with the request (the clock was read
+        // then; a pick takes a microsecond or two); a retry reads it anew.
+        let sent = if attempt == 0 {
+            started
+        } else {
+            Instant::now()
+        };
         // Connecting has connect_timeout, the backend's answer
         // request_timeout from when the request is sent, and each pause in
         // a body either way request_timeout (see upstream::exchange).
@@ -80,12 +87,13 @@ pub(super) async fn forward(
             address: backend.address(),
             tls: state.upstream_tls(backend),
         };
-        let answer = upstream::send(target, head, body, limits).await;
-        let outcome = |status: Option<u16>, failure: Option<Failure>| Outcome {
+        let answer = upstream::send(target, head, body, limits, sent).await;
+        let outcome = |status: Option<u16>, failure: Option<Failure>, at: Instant| Outcome {
             backend_id: backend.id(),
             status,
             failure,
-            latency_micros: u32::try_from(sent.elapsed().as_micros()).unwrap_or(u32::MAX),
+            latency_micros: u32::try_from(at.saturating_duration_since(sent).as_micros())
+                .unwrap_or(u32::MAX),
             attempt,
             request_id: facts.id(),
         };
@@ -94,7 +102,7 @@ pub(super) async fn forward(
                 state.record(
                     metrics,
                     backend,
-                    &outcome(Some(response.head.status), None),
+                    &outcome(Some(response.head.status), None, response.arrived),
                     false,
                 );
                 return Ok((response, guard));
@@ -106,7 +114,7 @@ pub(super) async fn forward(
                 state.record(
                     metrics,
                     backend,
-                    &outcome(None, Some(Failure::Timeout)),
+                    &outcome(None, Some(Failure::Timeout), Instant::now()),
                     false,
                 );
                 tracing::warn!(
@@ -140,7 +148,12 @@ pub(super) async fn forward(
                 } else {
                     Failure::Io
                 };
-                state.record(metrics, backend, &outcome(None, Some(failure)), retry);
+                state.record(
+                    metrics,
+                    backend,
+                    &outcome(None, Some(failure), Instant::now()),
+                    retry,
+                );
                 let reason = describe(&error);
                 if retry {
                     tracing::debug!(

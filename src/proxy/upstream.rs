@@ -87,8 +87,9 @@ thread_local! {
 }
 
 /// Takes the newest idle connection to `address` that is still open (and
-/// TLS if `tls`, as the backend's config may have changed), or `None`.
-fn checkout(address: &str, tls: bool, idle_timeout: Duration) -> Option<Connection> {
+/// TLS if `tls`, as the backend's config may have changed), or `None`. `now`
+/// is the request's start, read once for everything it times.
+fn checkout(address: &str, tls: bool, idle_timeout: Duration, now: Instant) -> Option<Connection> {
     IDLE.with(|idle| {
         let mut idle = idle.borrow_mut();
         let list = idle.get_mut(address)?;
@@ -97,7 +98,7 @@ fn checkout(address: &str, tls: bool, idle_timeout: Duration) -> Option<Connecti
             since,
         }) = list.pop()
         {
-            if since.elapsed() >= idle_timeout {
+            if now.saturating_duration_since(since) >= idle_timeout {
                 // Everything older is expired too.
                 list.clear();
                 break;
@@ -113,8 +114,10 @@ fn checkout(address: &str, tls: bool, idle_timeout: Duration) -> Option<Connecti
     })
 }
 
-/// Puts a connection whose last exchange ended cleanly back in the pool.
-fn checkin(mut connection: Connection, keepalive: usize) {
+/// Puts a connection whose last exchange ended cleanly back in the pool;
+/// it counts as idle from `since` (when its answer arrived: the clock is
+/// not read again for this).
+fn checkin(mut connection: Connection, keepalive: usize, since: Instant) {
     if keepalive == 0 || !connection.buf.is_empty() {
         return;
     }
@@ -126,17 +129,11 @@ fn checkin(mut connection: Connection, keepalive: usize) {
                 // Keep the newest: drop the oldest.
                 list.remove(0);
             }
-            list.push(Idle {
-                connection,
-                since: Instant::now(),
-            });
+            list.push(Idle { connection, since });
         } else {
             idle.insert(
                 connection.address.to_string(),
-                vec![Idle {
-                    connection,
-                    since: Instant::now(),
-                }],
+                vec![Idle { connection, since }],
             );
         }
     });
@@ -174,6 +171,8 @@ pub struct Limits {
 /// still on the connection.
 #[derive(Debug)]
 pub struct UpstreamResponse {
+    /// When the head arrived.
+    pub arrived: Instant,
     /// The head.
     pub head: ResponseHead,
     /// The body.
@@ -191,12 +190,14 @@ pub struct Target<'a> {
 }
 
 /// Sends `head` (and `body`) to `target` over an idle connection of this
-/// thread or a new one, and reads the response head.
+/// thread or a new one, and reads the response head. `sent` is when the
+/// attempt started: the backend's time to answer runs from it.
 pub async fn send(
     target: Target<'_>,
     head: &RequestHead,
     body: &mut ClientBody<'_>,
     limits: Limits,
+    sent: Instant,
 ) -> Result<UpstreamResponse, UpstreamError> {
     let address = target.address;
     loop {
@@ -204,12 +205,13 @@ pub async fn send(
             address,
             target.tls.is_some(),
             limits.tuning.upstream_idle_timeout,
+            sent,
         ) {
             Some(connection) => connection,
             None => connect(target, limits).await?,
         };
         let reused = connection.reused;
-        match exchange(connection, address, head, body, limits).await {
+        match exchange(connection, address, head, body, limits, sent).await {
             // A pooled connection the backend had closed: nothing of the
             // body was read yet, so the request goes again on a fresh
             // connection.
@@ -265,6 +267,7 @@ async fn exchange(
     head: &RequestHead,
     body: &mut ClientBody<'_>,
     limits: Limits,
+    sent: Instant,
 ) -> Result<UpstreamResponse, UpstreamError> {
     let host_line;
     let host: &[u8] = if head.has_host {
@@ -298,7 +301,11 @@ async fn exchange(
         let chunked = matches!(head.framing, Framing::Chunked(_));
         let write = send_body(stream, body, chunked, stall);
         let read = read_head(stream, buf, reused, head_request, head.upgrade);
-        let answer_by = tokio::time::sleep(limits.read_timeout);
+        // From the attempt's start, which the caller has read already (the
+        // write usually completes at once); a body that takes longer to
+        // send moves it below.
+        let answer_by =
+            tokio::time::sleep_until(tokio::time::Instant::from_std(sent + limits.read_timeout));
         tokio::pin!(write, read, answer_by);
         let mut write_error = None;
         let response = loop {
@@ -334,17 +341,20 @@ async fn exchange(
     // What remains of an unsent body cannot be sent later: the connection
     // is not reused.
     let reusable = response.reusable && request_done;
+    let arrived = Instant::now();
     let mut body = UpstreamBody {
         framing: response.framing,
         connection: Some(connection),
         pool: reusable.then_some(limits.tuning.upstream_keepalive),
         read_timeout: limits.read_timeout,
+        arrived,
     };
     // After a 101 the connection is the tunnel's, not the pool's.
     if body.framing.is_done() && !response.upgraded {
         body.finish();
     }
     Ok(UpstreamResponse {
+        arrived,
         head: response,
         body,
     })
@@ -450,6 +460,9 @@ pub struct UpstreamBody {
     /// been read.
     pool: Option<usize>,
     read_timeout: Duration,
+    /// When the head arrived: the connection's idle time in the pool counts
+    /// from it.
+    arrived: Instant,
 }
 
 impl UpstreamBody {
@@ -468,7 +481,7 @@ impl UpstreamBody {
     fn finish(&mut self) {
         self.framing = Framing::Done;
         if let (Some(connection), Some(keepalive)) = (self.connection.take(), self.pool.take()) {
-            checkin(connection, keepalive);
+            checkin(connection, keepalive, self.arrived);
         }
     }
 
