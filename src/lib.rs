@@ -27,6 +27,7 @@ pub mod config;
 pub mod describe;
 pub mod fields;
 pub mod generation;
+pub mod handover;
 pub mod health;
 pub mod limits;
 pub mod metrics;

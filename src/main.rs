@@ -1,5 +1,6 @@
 //! The `rust_load_balancer` command: parse arguments, load and validate the
-//! config, run until SIGINT/SIGTERM, reload on SIGHUP.
+//! config, run until SIGINT/SIGTERM, reload on SIGHUP, hand over to a new
+//! process of the binary on SIGUSR2.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,6 +11,7 @@ use std::sync::Arc;
 use rust_load_balancer::balancer::{self, workload, StrategySetup};
 use rust_load_balancer::config::{self as lbconfig, SandboxLimits, StrategySource};
 use rust_load_balancer::generation::State;
+use rust_load_balancer::handover::{self, Inherited, Upgrader, UPGRADE_DEADLINE};
 use rust_load_balancer::limits;
 use rust_load_balancer::metrics::Metrics;
 use rust_load_balancer::scaffold;
@@ -166,6 +168,9 @@ enum LogFormat {
 }
 
 fn main() -> ExitCode {
+    // First: the binary's path names the new binary only until it is
+    // replaced on disk.
+    let upgrader = Upgrader::at_start();
     let args = Args::parse();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // Colour only for a person at a terminal: never in a file or a pipe, and
@@ -222,10 +227,21 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run(config, args.config))
+    runtime.block_on(run(config, args.config, upgrader))
 }
 
-async fn run(config: Config, path: PathBuf) -> ExitCode {
+async fn run(config: Config, path: PathBuf, upgrader: Upgrader) -> ExitCode {
+    // Listening sockets handed in by an upgrading balancer or by systemd.
+    let mut inherited = Inherited::from_env();
+    // Signal handlers before the (possibly long) start, so that a SIGHUP or
+    // SIGUSR2 sent meanwhile is not fatal; it is acted on once serving.
+    let signals = match Signals::new() {
+        Ok(signals) => signals,
+        Err(error) => {
+            eprintln!("error: cannot listen for signals: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
     let summary = config.summary();
     if let Some(limit) = limits::raise_file_limit() {
         if limit.now > limit.was {
@@ -235,13 +251,16 @@ async fn run(config: Config, path: PathBuf) -> ExitCode {
             tracing::warn!("{warning}");
         }
     }
-    let proxy = match Proxy::start_from_file(config, path).await {
+    let proxy = match Proxy::start_inherited(config, path, &mut inherited).await {
         Ok(proxy) => proxy,
         Err(error) => {
             eprintln!("error: {error}");
             return ExitCode::FAILURE;
         }
     };
+    for unused in inherited.close_unused() {
+        tracing::warn!("inherited socket {unused} matches no listener of the config: closed");
+    }
     tracing::info!(
         "listening on {}: {}",
         proxy.local_addr(),
@@ -257,33 +276,104 @@ async fn run(config: Config, path: PathBuf) -> ExitCode {
             tls.min_version.as_str()
         );
     }
-    if let Err(error) = serve_until_stopped(&proxy).await {
-        eprintln!("error: cannot listen for signals: {error}");
-        return ExitCode::FAILURE;
+    if inherited.is_upgrade() {
+        tracing::info!(
+            "serving (pid {}): taking over from the old process",
+            std::process::id()
+        );
+        inherited.signal_ready();
+    } else {
+        handover::notify_systemd("READY=1");
     }
     let timeout = proxy.state().config().shutdown_timeout;
-    tracing::info!(
-        "stopping: no new connections; waiting up to {timeout:?} for requests in flight"
-    );
+    match serve_until_stopped(&proxy, signals, &upgrader).await {
+        Stop::Signal => {
+            handover::notify_systemd("STOPPING=1");
+            tracing::info!(
+                "stopping: no new connections; waiting up to {timeout:?} for requests in flight"
+            );
+        }
+        Stop::Upgraded(pid) => {
+            // systemd follows the new process from here on (Type=notify).
+            handover::notify_systemd(&format!("MAINPID={pid}"));
+            tracing::info!(
+                "upgrade: the new process (pid {pid}) is serving; this one stops accepting and waits up to {timeout:?} for requests in flight"
+            );
+        }
+    }
     proxy.shutdown(timeout).await;
     tracing::info!("stopped");
     ExitCode::SUCCESS
 }
 
-/// Reloads on SIGHUP; returns on SIGINT or SIGTERM.
-async fn serve_until_stopped(proxy: &Proxy) -> std::io::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut hangup = signal(SignalKind::hangup())?;
+/// The signals the balancer answers.
+struct Signals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+    upgrade: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+            hangup: signal(SignalKind::hangup())?,
+            upgrade: signal(SignalKind::user_defined2())?,
+        })
+    }
+}
+
+/// Why serving ends.
+enum Stop {
+    /// SIGTERM or SIGINT.
+    Signal,
+    /// A new process (this PID) serves on this one's sockets.
+    Upgraded(u32),
+}
+
+/// Reloads on SIGHUP; upgrades on SIGUSR2; returns on SIGINT or SIGTERM,
+/// or when an upgrade's new process is serving. While an upgrade waits for
+/// its new process, this one serves and answers signals as ever (SIGTERM
+/// then kills the new process: it stops with this one).
+async fn serve_until_stopped(proxy: &Proxy, mut signals: Signals, upgrader: &Upgrader) -> Stop {
+    let mut upgrading = None;
     loop {
         tokio::select! {
-            _ = terminate.recv() => return Ok(()),
-            _ = interrupt.recv() => return Ok(()),
-            _ = hangup.recv() => {
+            _ = signals.terminate.recv() => return Stop::Signal,
+            _ = signals.interrupt.recv() => return Stop::Signal,
+            _ = signals.hangup.recv() => {
                 tracing::info!("SIGHUP: reloading the config");
                 // The outcome is logged (and counted) by the reload itself.
                 let _ = proxy.reload().await;
+            }
+            _ = signals.upgrade.recv() => {
+                if upgrading.is_some() {
+                    tracing::warn!("SIGUSR2: an upgrade is already under way");
+                    continue;
+                }
+                match upgrader.binary() {
+                    Ok(binary) => tracing::info!(
+                        "SIGUSR2: upgrading: starting {} on this process's listening sockets",
+                        binary.display()
+                    ),
+                    Err(error) => {
+                        tracing::error!("upgrade failed: {error}; this process keeps serving");
+                        continue;
+                    }
+                }
+                upgrading = Some(Box::pin(
+                    upgrader.upgrade(proxy.listening_sockets(), UPGRADE_DEADLINE),
+                ));
+            }
+            done = async { upgrading.as_mut().expect("guarded").await }, if upgrading.is_some() => {
+                upgrading = None;
+                match done {
+                    Ok(pid) => return Stop::Upgraded(pid),
+                    Err(error) => tracing::error!("upgrade failed: {error}; this process keeps serving"),
+                }
             }
         }
     }

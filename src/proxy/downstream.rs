@@ -26,6 +26,14 @@ use super::http1::{read_more_within, write_body, Framing, LAST_CHUNK};
 use super::tunnel::{self, TunnelEnd};
 use crate::transport::Stream;
 
+/// How long an idle client connection stays open once the balancer is
+/// stopping (at most `shutdown_timeout`): a request it sends meanwhile is
+/// still served, with `Connection: close`. Long enough for a client that
+/// was already sending when the drain began (and for a connection accepted
+/// just before the listener closed to send its first request); short, as
+/// it delays the exit of a balancer whose clients sit idle.
+pub(super) const DRAIN_IDLE_GRACE: Duration = Duration::from_secs(2);
+
 /// The buffer a request head is first read into; it grows for larger heads
 /// (up to `max_request_header_kib`) and bodies.
 const HEAD_BUFFER: usize = 4096;
@@ -155,6 +163,7 @@ async fn read_head(
             limits.keepalive_timeout
         };
     let mut started = first;
+    let mut draining = false;
     loop {
         if !buf.is_empty() {
             if !started {
@@ -173,8 +182,17 @@ async fn read_head(
                 Ok(None) => {}
                 Err(error) => return Err(HeadFailure::Refused(error)),
             }
-        } else if shutdown.borrow().is_some() {
-            return Err(HeadFailure::Closed);
+        } else if !draining {
+            if let Some(timeout) = *shutdown.borrow() {
+                // The balancer is stopping and this connection is idle (or
+                // new, before its first byte). Closing it at once would race
+                // a client that is sending its next request right now: that
+                // request would be lost with no answer. It gets a short
+                // grace instead; a request that arrives within it is served
+                // and answered with `Connection: close`.
+                draining = true;
+                deadline = deadline.min(Deadline::now() + timeout.min(DRAIN_IDLE_GRACE));
+            }
         }
         let idle = buf.is_empty();
         if idle {
@@ -199,8 +217,12 @@ async fn read_head(
                 }
                 return Err(HeadFailure::Closed);
             }
-            // An idle connection closes at once when the balancer stops.
-            _ = shutdown.changed(), if idle => return Err(HeadFailure::Closed),
+            // When the balancer starts to stop, the grace above begins.
+            changed = shutdown.changed(), if idle && !draining => {
+                if changed.is_err() {
+                    return Err(HeadFailure::Closed);
+                }
+            }
         }
     }
 }

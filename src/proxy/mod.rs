@@ -32,9 +32,11 @@ mod upstream;
 mod view;
 
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -49,6 +51,7 @@ pub use http1::Framing;
 use crate::admin;
 use crate::config::{Config, DEFAULT_LISTEN_BACKLOG};
 use crate::generation::{BuildError, Generations, ReloadError, State};
+use crate::handover::{Inherited, Role};
 use crate::metrics::Metrics;
 use crate::throttle::LogThrottle;
 use crate::transport::Stream;
@@ -63,7 +66,8 @@ pub enum StartError {
     /// A worker thread could not be started.
     #[error("cannot start a worker thread: {0}")]
     Thread(std::io::Error),
-    /// A listen address could not be bound.
+    /// A listen address could not be bound (or an inherited socket on it
+    /// could not be used).
     #[error("cannot listen on {address}: {source}")]
     Bind {
         /// The address.
@@ -105,6 +109,10 @@ pub struct Proxy {
     shutdown: watch::Sender<Option<Duration>>,
     /// Each worker drops its sender when it has finished.
     workers: Vec<oneshot::Receiver<()>>,
+    /// A second descriptor of each listening socket, to hand the sockets
+    /// to the new process of an upgrade; closed when shutdown begins, so
+    /// that the sockets close with the workers' descriptors.
+    held: Vec<(Role, std::net::TcpListener)>,
 }
 
 impl Proxy {
@@ -115,38 +123,86 @@ impl Proxy {
     /// which runs the health checks and the admin API; client traffic is
     /// served by the workers' own event loops.
     pub async fn start(config: Config) -> Result<Proxy, StartError> {
-        Proxy::start_with(config, None).await
+        Proxy::start_with(config, None, &mut Inherited::default()).await
     }
 
     /// As [`Proxy::start`], remembering `path` so that [`Proxy::reload`]
     /// (SIGHUP, `POST /reload`) can read it again.
     pub async fn start_from_file(config: Config, path: PathBuf) -> Result<Proxy, StartError> {
-        Proxy::start_with(config, Some(path)).await
+        Proxy::start_with(config, Some(path), &mut Inherited::default()).await
     }
 
-    async fn start_with(config: Config, config_path: Option<PathBuf>) -> Result<Proxy, StartError> {
+    /// As [`Proxy::start_from_file`], serving on the `inherited` sockets
+    /// that match the config's addresses instead of binding new ones (a
+    /// binary upgrade, systemd socket activation); it takes those it uses.
+    pub async fn start_inherited(
+        config: Config,
+        path: PathBuf,
+        inherited: &mut Inherited,
+    ) -> Result<Proxy, StartError> {
+        Proxy::start_with(config, Some(path), inherited).await
+    }
+
+    async fn start_with(
+        config: Config,
+        config_path: Option<PathBuf>,
+        inherited: &mut Inherited,
+    ) -> Result<Proxy, StartError> {
         let address = config.listen_address;
         let admin_address = config.admin_address;
         let tuning = config.tuning;
+        let workers = tuning.worker_threads.max(1);
         let (generations, first) = Generations::new(config, config_path)?;
-        let listeners = bind_per_worker(address, tuning.listen_backlog, tuning.worker_threads)?;
+        let mut held = Vec::new();
+        let listeners = listening(
+            inherited,
+            Role::Plain,
+            address,
+            tuning.listen_backlog,
+            workers,
+        )?;
         let local_addr = listeners[0]
             .local_addr()
             .map_err(|source| StartError::Bind { address, source })?;
+        hold(&mut held, Role::Plain, &listeners, address)?;
+        let mut per_worker: Vec<Vec<(std::net::TcpListener, bool)>> =
+            spread(listeners, workers, false, address)?;
         // The TLS listener, if on: as many sockets, one per worker.
-        let mut tls_listeners: Vec<Option<std::net::TcpListener>> = Vec::new();
         let mut tls_addr = None;
         if let Some(tls) = first.config().tls.as_ref() {
-            let bound = bind_per_worker(tls.address, tuning.listen_backlog, tuning.worker_threads)?;
+            let bound = listening(
+                inherited,
+                Role::Tls,
+                tls.address,
+                tuning.listen_backlog,
+                workers,
+            )?;
             tls_addr = Some(bound[0].local_addr().map_err(|source| StartError::Bind {
                 address: tls.address,
                 source,
             })?);
-            tls_listeners.extend(bound.into_iter().map(Some));
+            hold(&mut held, Role::Tls, &bound, tls.address)?;
+            for (mine, tls) in per_worker
+                .iter_mut()
+                .zip(spread(bound, workers, true, tls.address)?)
+            {
+                mine.extend(tls);
+            }
         }
-        tls_listeners.resize_with(listeners.len(), || None);
         let admin_listener = match admin_address {
-            Some(address) => Some(bind(address, DEFAULT_LISTEN_BACKLOG)?),
+            Some(address) => {
+                let listener = match inherited.take(Role::Admin, address).into_iter().next() {
+                    Some(listener) => listener,
+                    None => bind(address, DEFAULT_LISTEN_BACKLOG)?,
+                };
+                hold(
+                    &mut held,
+                    Role::Admin,
+                    std::slice::from_ref(&listener),
+                    address,
+                )?;
+                Some(listener)
+            }
             None => None,
         };
         let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
@@ -168,8 +224,8 @@ impl Proxy {
                 signal.clone(),
             ));
         }
-        let mut workers = Vec::with_capacity(tuning.worker_threads);
-        for (id, (listener, tls_listener)) in listeners.into_iter().zip(tls_listeners).enumerate() {
+        let mut workers = Vec::with_capacity(per_worker.len());
+        for (id, listeners) in per_worker.into_iter().enumerate() {
             let (done, finished) = oneshot::channel();
             let worker = Worker {
                 id,
@@ -178,7 +234,7 @@ impl Proxy {
             };
             std::thread::Builder::new()
                 .name(format!("lb-worker-{id}"))
-                .spawn(move || worker.run(listener, tls_listener, done))
+                .spawn(move || worker.run(listeners, done))
                 .map_err(StartError::Thread)?;
             workers.push(finished);
         }
@@ -189,6 +245,7 @@ impl Proxy {
             shared,
             shutdown,
             workers,
+            held,
         })
     }
 
@@ -205,6 +262,16 @@ impl Proxy {
     /// The bound admin address, if the admin listener is on.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin_addr
+    }
+
+    /// Every listening socket (each worker's of the plain and TLS
+    /// listeners, and the admin listener's), for a binary upgrade to hand
+    /// over; empty once shutdown has begun.
+    pub fn listening_sockets(&self) -> Vec<(Role, BorrowedFd<'_>)> {
+        self.held
+            .iter()
+            .map(|(role, listener)| (*role, listener.as_fd()))
+            .collect()
     }
 
     /// The current config generation: pool, balancer, config.
@@ -226,6 +293,8 @@ impl Proxy {
     /// Stops accepting, lets requests in flight finish for up to `timeout`
     /// (keep-alive clients are told `Connection: close`), then returns.
     pub async fn shutdown(mut self, timeout: Duration) {
+        // The workers' descriptors are then the last of this process's.
+        self.held.clear();
         let _ = self.shutdown.send(Some(timeout));
         for finished in std::mem::take(&mut self.workers) {
             // An error only means the worker has gone, which is the point.
@@ -253,6 +322,74 @@ impl std::fmt::Debug for Proxy {
             .field("workers", &self.workers.len())
             .finish_non_exhaustive()
     }
+}
+
+/// The listening sockets of a listener on `address`: the inherited ones
+/// for it if there are any (the new process of an upgrade shares the old
+/// one's sockets, and with them their accept queues), else one bound per
+/// worker.
+fn listening(
+    inherited: &mut Inherited,
+    role: Role,
+    address: SocketAddr,
+    backlog: u32,
+    workers: usize,
+) -> Result<Vec<std::net::TcpListener>, StartError> {
+    let sockets = inherited.take(role, address);
+    if sockets.is_empty() {
+        return bind_per_worker(address, backlog, workers);
+    }
+    tracing::debug!(
+        "{} listener on {address}: {} inherited socket(s)",
+        role.as_str(),
+        sockets.len()
+    );
+    Ok(sockets)
+}
+
+/// Keeps a second descriptor of each of `listeners` in `held`.
+fn hold(
+    held: &mut Vec<(Role, std::net::TcpListener)>,
+    role: Role,
+    listeners: &[std::net::TcpListener],
+    address: SocketAddr,
+) -> Result<(), StartError> {
+    for listener in listeners {
+        let copy = listener
+            .try_clone()
+            .map_err(|source| StartError::Bind { address, source })?;
+        held.push((role, copy));
+    }
+    Ok(())
+}
+
+/// Deals `sockets` out to `workers`, each tagged `tls`: round the workers
+/// when there are at least as many sockets (a worker may get several, as
+/// when the old process of an upgrade had more workers), else round the
+/// sockets, a worker sharing a socket through a descriptor of its own (one
+/// socket from systemd served by every worker).
+fn spread(
+    sockets: Vec<std::net::TcpListener>,
+    workers: usize,
+    tls: bool,
+    address: SocketAddr,
+) -> Result<Vec<Vec<(std::net::TcpListener, bool)>>, StartError> {
+    let mut per_worker: Vec<Vec<(std::net::TcpListener, bool)>> =
+        (0..workers).map(|_| Vec::new()).collect();
+    let count = sockets.len();
+    if count >= workers {
+        for (i, socket) in sockets.into_iter().enumerate() {
+            per_worker[i % workers].push((socket, tls));
+        }
+    } else {
+        for (i, mine) in per_worker.iter_mut().enumerate() {
+            let socket = sockets[i % count]
+                .try_clone()
+                .map_err(|source| StartError::Bind { address, source })?;
+            mine.push((socket, tls));
+        }
+    }
+    Ok(per_worker)
 }
 
 /// Binds a non-blocking listening socket with `SO_REUSEADDR` (so a restart
@@ -327,12 +464,7 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(
-        self,
-        listener: std::net::TcpListener,
-        tls_listener: Option<std::net::TcpListener>,
-        done: oneshot::Sender<()>,
-    ) {
+    fn run(self, listeners: Vec<(std::net::TcpListener, bool)>, done: oneshot::Sender<()>) {
         // A per-worker strategy (strategy_scope "worker") is called through
         // this worker's own instance.
         crate::balancer::set_worker(self.id);
@@ -350,10 +482,13 @@ impl Worker {
             }
         };
         runtime.block_on(async move {
-            let tls_listener = tls_listener.map(TcpListener::from_std).transpose();
-            match (TcpListener::from_std(listener), tls_listener) {
-                (Ok(listener), Ok(tls_listener)) => self.serve(listener, tls_listener).await,
-                (Err(error), _) | (_, Err(error)) => {
+            let listeners: std::io::Result<Vec<(TcpListener, bool)>> = listeners
+                .into_iter()
+                .map(|(listener, tls)| Ok((TcpListener::from_std(listener)?, tls)))
+                .collect();
+            match listeners {
+                Ok(listeners) => self.serve(listeners).await,
+                Err(error) => {
                     tracing::error!(worker = self.id, "cannot use the listener: {error}")
                 }
             }
@@ -364,7 +499,7 @@ impl Worker {
         drop(done);
     }
 
-    async fn serve(mut self, listener: TcpListener, tls_listener: Option<TcpListener>) {
+    async fn serve(mut self, listeners: Vec<(TcpListener, bool)>) {
         let connections = Arc::new(Connections::default());
         let shared = Arc::clone(&self.shared);
         let sweeper = tokio::spawn(async move {
@@ -379,10 +514,10 @@ impl Worker {
                 });
             }
         });
+        let mut next = 0;
         let timeout = loop {
             let (accepted, tls) = tokio::select! {
-                accepted = listener.accept() => (accepted, false),
-                accepted = accept(tls_listener.as_ref()) => (accepted, true),
+                accepted = accept(&listeners, &mut next) => accepted,
                 changed = self.shutdown.changed() => {
                     break match changed {
                         Ok(()) => self.shutdown.borrow().unwrap_or_default(),
@@ -441,11 +576,13 @@ impl Worker {
             }
         };
         // New connections are refused from here on (once every worker has
-        // closed its listening socket). Idle connections close
-        // at once; busy ones after their response, which says
+        // closed its listening socket), unless the new process of an
+        // upgrade holds the same sockets: then it accepts them, those
+        // already waiting in the accept queue included. Idle connections
+        // close after a short grace (a request that arrives meanwhile is
+        // answered); busy ones after their response, which says
         // `Connection: close`; tunnels when the timeout is reached.
-        drop(listener);
-        drop(tls_listener);
+        drop(listeners);
         sweeper.abort();
         tokio::select! {
             () = connections.all_closed() => tracing::debug!(worker = self.id, "all connections closed"),
@@ -487,12 +624,27 @@ impl Worker {
     }
 }
 
-/// Accepts on the TLS listener; never ready when there is none.
-async fn accept(listener: Option<&TcpListener>) -> std::io::Result<(TcpStream, SocketAddr)> {
-    match listener {
-        Some(listener) => listener.accept().await,
-        None => std::future::pending().await,
-    }
+/// Accepts on whichever of a worker's listening sockets has a connection
+/// waiting (usually one plain and one TLS socket), starting after the one
+/// that accepted last so that none starves; says whether it came over the
+/// TLS listener.
+async fn accept(
+    listeners: &[(TcpListener, bool)],
+    next: &mut usize,
+) -> (std::io::Result<(TcpStream, SocketAddr)>, bool) {
+    std::future::poll_fn(|cx| {
+        let count = listeners.len();
+        for k in 0..count {
+            let i = (*next + k) % count;
+            let (listener, tls) = &listeners[i];
+            if let Poll::Ready(accepted) = listener.poll_accept(cx) {
+                *next = (i + 1) % count;
+                return Poll::Ready((accepted, *tls));
+            }
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// The server side of a TLS handshake, with the certificates of the
