@@ -81,7 +81,7 @@ fn json(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> 
     respond(status, "application/json", text)
 }
 
-async fn route(shared: &Generations, request: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn route(shared: &Arc<Generations>, request: Request<Incoming>) -> Response<Full<Bytes>> {
     if let Some(rest) = request.uri().path().strip_prefix("/backends/") {
         let rest = rest.to_string();
         return control(shared, &rest, request).await;
@@ -124,6 +124,7 @@ async fn route(shared: &Generations, request: Request<Incoming>) -> Response<Ful
                 .map(|b| {
                     serde_json::json!({
                         "address": b.address(),
+                        "source": b.source(),
                         "weight": b.weight(),
                         "configured_weight": b.configured_weight(),
                         "id": b.id(),

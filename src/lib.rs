@@ -25,6 +25,7 @@ pub mod admin;
 pub mod balancer;
 pub mod config;
 pub mod describe;
+pub mod discovery;
 pub mod fields;
 pub mod generation;
 pub mod handover;

@@ -106,6 +106,8 @@ fn every_key(workers: u32) -> Value {
         "tls_min_version": "1.3",
         "upstream_ca_file": "certs/ca.pem",
         "tunnel_idle_timeout": 9.5,
+        "dns_refresh": 2.5,
+        "resolver": "127.0.0.6:5353",
     })
 }
 
@@ -200,6 +202,8 @@ fn every_key_of_the_table_reaches_its_own_field() {
         }),
         upstream_ca_file: Some(dir.path().join("certs/ca.pem")),
         tunnel_idle_timeout: Duration::from_millis(9500),
+        dns_refresh: Duration::from_millis(2500),
+        resolver: Some("127.0.0.6:5353".parse().unwrap()),
     };
 
     // The same keys in JSON and in YAML (JSON text is YAML too).
@@ -331,6 +335,8 @@ fn field(config: &Config, key: &str) -> Value {
             .as_str()),
         "upstream_ca_file" => json!(config.upstream_ca_file),
         "tunnel_idle_timeout" => secs(config.tunnel_idle_timeout),
+        "dns_refresh" => secs(config.dns_refresh),
+        "resolver" => json!(config.resolver.map(|a| a.to_string())),
         other => panic!("a key this test does not know: {other} (add it here)"),
     }
 }
@@ -548,6 +554,29 @@ fn every_range_edge_of_the_table_is_where_the_readme_puts_it() {
             .as_deref(),
         Some("/")
     );
+    // dns_refresh: seconds from 1 (a DNS server is not asked more often)
+    // to 86400.
+    for inside in [1.0, 86400.0] {
+        assert_eq!(
+            accepted(json!({ "dns_refresh": inside })).dns_refresh,
+            Duration::from_secs_f64(inside)
+        );
+    }
+    for outside in ["0.5", "0", "86400.5"] {
+        let value: f64 = outside.parse().unwrap();
+        refused(json!({ "dns_refresh": value }), "dns_refresh", outside);
+    }
+    // resolver: an IP:port address.
+    assert_eq!(
+        accepted(json!({"resolver": "[fd00::53]:53"})).resolver,
+        Some("[fd00::53]:53".parse().unwrap())
+    );
+    refused(
+        json!({"resolver": "dns.example:53"}),
+        "resolver",
+        "\"dns.example:53\"",
+    );
+
     refused(
         json!({"health_check_path": "up"}),
         "health_check_path",

@@ -72,6 +72,12 @@ pub const DEFAULT_OUTLIER_MAX_EJECTION_PERCENT: u32 = 50;
 /// Default `tunnel_idle_timeout`, in seconds: an hour, as a WebSocket
 /// connection may be quiet for long between messages.
 pub const DEFAULT_TUNNEL_IDLE_TIMEOUT: f64 = 3600.0;
+/// Default `dns_refresh`, in seconds: how often backend names are
+/// resolved again (sooner if the records' TTL asks).
+pub const DEFAULT_DNS_REFRESH: f64 = 5.0;
+/// Shortest `dns_refresh`, in seconds: a DNS server is not asked more often
+/// than this, whatever the records' TTL.
+pub const MIN_DNS_REFRESH: f64 = 1.0;
 /// Most worker threads accepted.
 pub const MAX_WORKER_THREADS: u32 = 256;
 
@@ -137,6 +143,12 @@ pub struct Config {
     /// How long an upgraded connection (a WebSocket tunnel) may carry no
     /// bytes either way before it is closed.
     pub tunnel_idle_timeout: Duration,
+    /// `dns_refresh`: how often backend names are resolved again (sooner
+    /// when the records' TTL is shorter, never under [`MIN_DNS_REFRESH`]).
+    pub dns_refresh: Duration,
+    /// `resolver`: the DNS server (`IP:port`) that resolves backend names;
+    /// `None`: the system's configuration (`/etc/resolv.conf`).
+    pub resolver: Option<SocketAddr>,
 }
 
 /// `strategy_scope`: how many instances of the strategy module serve.
@@ -587,6 +599,8 @@ impl Config {
             tls: None,
             upstream_ca_file: None,
             tunnel_idle_timeout: Duration::from_secs_f64(DEFAULT_TUNNEL_IDLE_TIMEOUT),
+            dns_refresh: Duration::from_secs_f64(DEFAULT_DNS_REFRESH),
+            resolver: None,
         }
     }
 
@@ -655,6 +669,8 @@ impl Config {
             "tls_min_version": self.tls.as_ref().map_or(TlsVersion::Tls12, |t| t.min_version).as_str(),
             "upstream_ca_file": self.upstream_ca_file,
             "tunnel_idle_timeout": self.tunnel_idle_timeout.as_secs_f64(),
+            "dns_refresh": self.dns_refresh.as_secs_f64(),
+            "resolver": self.resolver.map(|a| a.to_string()),
         })
     }
 
@@ -1013,6 +1029,25 @@ impl RawConfig {
                 })
             }
         };
+        let dns_refresh = seconds("dns_refresh", self.dns_refresh, DEFAULT_DNS_REFRESH)?;
+        if dns_refresh < Duration::from_secs_f64(MIN_DNS_REFRESH) {
+            return Err(invalid(
+                "dns_refresh",
+                format!(
+                    "must be at least {MIN_DNS_REFRESH} second, got {}",
+                    dns_refresh.as_secs_f64()
+                ),
+            ));
+        }
+        let resolver = match &self.resolver {
+            None => None,
+            Some(text) => Some(text.trim().parse::<SocketAddr>().map_err(|_| {
+                invalid(
+                    "resolver",
+                    format!("{text:?} is not an IP:port address (e.g. \"10.0.0.2:53\")"),
+                )
+            })?),
+        };
         let upstream_ca_file = self
             .upstream_ca_file
             .as_deref()
@@ -1075,6 +1110,8 @@ impl RawConfig {
                 self.tunnel_idle_timeout,
                 DEFAULT_TUNNEL_IDLE_TIMEOUT,
             )?,
+            dns_refresh,
+            resolver,
         })
     }
 }

@@ -49,6 +49,8 @@ pub(super) struct RawConfig {
     pub outlier_base_ejection_time: Option<f64>,
     pub outlier_max_ejection_percent: Option<u32>,
     pub strategy_scope: Option<String>,
+    pub dns_refresh: Option<f64>,
+    pub resolver: Option<String>,
 }
 
 /// One of `tls_certificates`: a certificate chain and its key, PEM files.

@@ -2,7 +2,15 @@
 //! config (the config itself, its backend pool, its strategy), built
 //! completely before it serves; [`Generations`] holds the current one,
 //! swaps in a new one on reload, and keeps what outlives a generation (the
-//! backend registry, the metrics, the health checker's handle).
+//! backend registry, the metrics, the health checker's handle, the last
+//! known addresses of backend names).
+//!
+//! A generation's pool is the config's backends with each name expanded to
+//! the addresses it resolves to (see [`crate::discovery`]). While a config
+//! has names, a background task resolves them again every `dns_refresh`;
+//! when the set of addresses changes it builds a new generation from the
+//! same config and installs it the way a reload does (one at a time with
+//! reloads), so requests in flight finish on the addresses they had.
 //!
 //! Used by the proxy, the admin API and (through the backends it is given)
 //! the health checker, so none of them reaches into another's internals.
@@ -12,7 +20,7 @@
 
 use std::cell::RefCell;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -23,6 +31,7 @@ use crate::balancer::{
     RequestView, StrategySetup, TracingLog,
 };
 use crate::config::{Config, ConfigError, StrategyScope};
+use crate::discovery::{self, Addresses, Discovery};
 use crate::health;
 use crate::metrics::Metrics;
 use crate::server::{Backend, Ejection, Registry};
@@ -73,8 +82,12 @@ pub struct State {
     sees_requests: bool,
     /// The TLS listener's certificates, loaded from this config's files.
     tls_acceptor: Option<Arc<rustls::ServerConfig>>,
-    /// How to speak TLS to each backend, by id; empty when none wants TLS.
+    /// How to speak TLS to each backend, by position in the pool; empty
+    /// when none wants TLS.
     upstream_tls: Vec<Option<TlsTarget>>,
+    /// The addresses of the config's backend names this generation was
+    /// built with.
+    addresses: Addresses,
     /// Throttles the warning that an outlier stays in because too many
     /// backends are ejected.
     outlier_log: LogThrottle,
@@ -96,13 +109,28 @@ impl State {
     /// backend that stays keeps its stats), then the strategy module,
     /// compiled now (never per request) and, for 0.2.0, configured with the
     /// options and backends.
+    ///
+    /// A backend name contributes no backend here (see [`State::build_with`]
+    /// for the addresses a name resolves to).
     pub fn build(
         config: Config,
         registry: &Registry,
         metrics: &Arc<Metrics>,
     ) -> Result<State, BuildError> {
+        State::build_with(config, registry, metrics, Addresses::new())
+    }
+
+    /// As [`State::build`], each backend name standing for its `addresses`
+    /// (none for a name missing there).
+    pub fn build_with(
+        config: Config,
+        registry: &Registry,
+        metrics: &Arc<Metrics>,
+        addresses: Addresses,
+    ) -> Result<State, BuildError> {
+        let expanded = discovery::expand(&config.backends, &addresses);
         let pool = registry
-            .pool(&config.backends)
+            .expanded_pool(config.backends.len(), &expanded)
             .map_err(|e| BuildError::Backend(e.to_string()))?;
         // Certificates first: a bad file is reported before a large module
         // is compiled.
@@ -110,7 +138,7 @@ impl State {
             Some(listener) => Some(tls::server_config(listener)?),
             None => None,
         };
-        let upstream_tls = upstream_tls(&config)?;
+        let upstream_tls = upstream_tls(&config, &expanded)?;
         let setup = StrategySetup {
             options: config.strategy_options_json(),
             backends: pool.infos(),
@@ -159,6 +187,7 @@ impl State {
             sees_requests,
             tls_acceptor,
             upstream_tls,
+            addresses,
             outlier_log: LogThrottle::new(Duration::from_secs(1)),
         })
     }
@@ -172,7 +201,12 @@ impl State {
 
     /// How to speak TLS to `backend`, if it wants TLS.
     pub fn upstream_tls(&self, backend: &Backend) -> Option<&TlsTarget> {
-        self.upstream_tls.get(backend.id() as usize)?.as_ref()
+        if self.upstream_tls.is_empty() {
+            return None;
+        }
+        self.upstream_tls
+            .get(self.pool.position(backend.id())?)?
+            .as_ref()
     }
 
     /// Each backend with how to speak TLS to it, for the health checker.
@@ -339,6 +373,10 @@ pub struct Generations {
     reload_lock: tokio::sync::Mutex<()>,
     /// The health checker of the current generation.
     checker: Mutex<Option<AbortHandle>>,
+    /// The last known addresses of backend names, and the resolver.
+    discovery: Arc<Discovery>,
+    /// The task resolving the current generation's backend names again.
+    resolving: Mutex<Option<AbortHandle>>,
     /// Throttles the "no healthy backend" warning, which would otherwise
     /// come once per request during an outage.
     outage_log: LogThrottle,
@@ -357,7 +395,11 @@ impl Generations {
     ) -> Result<(Generations, Arc<State>), BuildError> {
         let metrics = Arc::new(Metrics::new());
         let registry = Arc::new(Registry::new());
-        let state = Arc::new(State::build(config, &registry, &metrics)?);
+        let discovery = Arc::new(Discovery::new());
+        // A name that does not resolve now is warned about (by discovery)
+        // and has no backend until it does.
+        let addresses = discovery.resolve_now(&config);
+        let state = Arc::new(State::build_with(config, &registry, &metrics, addresses)?);
         let generations = Generations {
             current: ArcSwap::new(Arc::clone(&state)),
             metrics,
@@ -365,6 +407,8 @@ impl Generations {
             config_path,
             reload_lock: tokio::sync::Mutex::new(()),
             checker: Mutex::new(None),
+            discovery,
+            resolving: Mutex::new(None),
             outage_log: LogThrottle::new(Duration::from_secs(1)),
             started: std::time::Instant::now(),
             reloads: std::sync::atomic::AtomicU64::new(0),
@@ -407,13 +451,17 @@ impl Generations {
     }
 
     /// Puts `state` in service and restarts health checking for its
-    /// backends. Must be called inside a tokio runtime.
-    pub fn install(&self, state: Arc<State>) {
+    /// backends and, if its config has backend names, their resolution.
+    /// Must be called inside a tokio runtime.
+    pub fn install(self: &Arc<Self>, state: Arc<State>) {
         let checker = tokio::spawn(health::run(
             state.checked_backends(),
             state.config().health.clone(),
         ))
         .abort_handle();
+        let resolving = (!discovery::names(&state.config().backends).is_empty()).then(|| {
+            tokio::spawn(resolve_again(Arc::downgrade(self), Arc::clone(&state))).abort_handle()
+        });
         self.registry.commit(state.pool());
         self.current.store(state);
         let previous = self
@@ -424,25 +472,69 @@ impl Generations {
         if let Some(previous) = previous {
             previous.abort();
         }
+        let previous = std::mem::replace(
+            &mut *self.resolving.lock().unwrap_or_else(|e| e.into_inner()),
+            resolving,
+        );
+        if let Some(previous) = previous {
+            previous.abort();
+        }
     }
 
-    /// Stops the health checks (at shutdown).
+    /// Stops the health checks and the resolution of backend names (at
+    /// shutdown).
     pub fn stop_health_checks(&self) {
-        if let Some(checker) = self
-            .checker
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
-            checker.abort();
+        for task in [&self.checker, &self.resolving] {
+            if let Some(task) = task.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                task.abort();
+            }
         }
+    }
+
+    /// Builds a generation from the config in service with backend names
+    /// standing for `addresses` and installs it, unless a reload came
+    /// first or the addresses are the ones in service. One at a time with
+    /// reloads.
+    async fn rediscover(self: &Arc<Self>, addresses: Addresses) -> Result<(), BuildError> {
+        let _one_at_a_time = self.reload_lock.lock().await;
+        let old = self.current();
+        if old.addresses == addresses {
+            return Ok(());
+        }
+        let registry = Arc::clone(&self.registry);
+        let metrics = Arc::clone(&self.metrics);
+        let config = old.config().clone();
+        let new = tokio::task::spawn_blocking(move || {
+            State::build_with(config, &registry, &metrics, addresses)
+        })
+        .await
+        .expect("building a generation does not panic")?;
+        let describe = |state: &State| -> Vec<String> {
+            state
+                .pool()
+                .backends()
+                .iter()
+                .filter(|b| b.source().is_some())
+                .map(|b| format!("{} ({})", b.address(), b.id()))
+                .collect()
+        };
+        let (before, after) = (describe(&old), describe(&new));
+        let joined: Vec<&String> = after.iter().filter(|a| !before.contains(a)).collect();
+        let left: Vec<&String> = before.iter().filter(|a| !after.contains(a)).collect();
+        tracing::info!(
+            "backend names resolved to a new set: {} backend{} now; joined: {joined:?}; left (they finish what they have): {left:?}",
+            new.pool().backends().len(),
+            if new.pool().backends().len() == 1 { "" } else { "s" },
+        );
+        self.install(Arc::new(new));
+        Ok(())
     }
 
     /// Re-reads the config file, builds the new generation completely
     /// (module compiled and configured, pool built) and only then swaps it
     /// in. On any error the old generation keeps serving. Returns the new
     /// config's summary.
-    pub async fn reload(&self) -> Result<String, ReloadError> {
+    pub async fn reload(self: &Arc<Self>) -> Result<String, ReloadError> {
         let _one_at_a_time = self.reload_lock.lock().await;
         let result = self.try_reload().await;
         self.metrics.record_reload(result.is_ok());
@@ -459,22 +551,57 @@ impl Generations {
         result
     }
 
-    async fn try_reload(&self) -> Result<String, ReloadError> {
+    async fn try_reload(self: &Arc<Self>) -> Result<String, ReloadError> {
         let path = self.config_path.clone().ok_or(ReloadError::NoFile)?;
         let old = self.current();
         // Loading reads a file and may compile a large module for seconds:
         // keep it off the threads that serve requests.
+        let config = tokio::task::spawn_blocking(move || -> Result<Config, ReloadError> {
+            Ok(keep_start_only_settings(Config::load(&path)?, old.config()))
+        })
+        .await
+        .expect("the reload task does not panic")?;
+        // Names as they resolve now (the last known addresses of a name
+        // whose lookup fails).
+        let (addresses, _) = self.discovery.resolve(&config).await;
         let registry = Arc::clone(&self.registry);
         let metrics = Arc::clone(&self.metrics);
-        let new = tokio::task::spawn_blocking(move || -> Result<State, ReloadError> {
-            let config = keep_start_only_settings(Config::load(&path)?, old.config());
-            Ok(State::build(config, &registry, &metrics)?)
+        let new = tokio::task::spawn_blocking(move || {
+            State::build_with(config, &registry, &metrics, addresses)
         })
         .await
         .expect("the reload task does not panic")?;
         let summary = new.config.summary();
         self.install(Arc::new(new));
         Ok(summary)
+    }
+}
+
+/// Resolves the backend names of `state`'s config again every
+/// `dns_refresh` (sooner if the records' TTL asks) and, when their
+/// addresses change, puts a generation with the new ones in service (which
+/// ends this task and starts the next). Ends when the balancer has gone.
+async fn resolve_again(generations: Weak<Generations>, state: Arc<State>) {
+    let config = state.config().clone();
+    drop(state);
+    let mut wait = match generations.upgrade() {
+        Some(generations) => generations.discovery.next_refresh(&config),
+        None => return,
+    };
+    loop {
+        tokio::time::sleep(wait).await;
+        let Some(generations) = generations.upgrade() else {
+            return;
+        };
+        let (addresses, next) = generations.discovery.resolve(&config).await;
+        wait = next;
+        if addresses != generations.peek().addresses {
+            if let Err(error) = generations.rediscover(addresses).await {
+                tracing::error!(
+                    "backend names resolved to new addresses, but the new pool could not be put in place: {error}"
+                );
+            }
+        }
     }
 }
 
@@ -486,20 +613,23 @@ impl std::fmt::Debug for Generations {
     }
 }
 
-/// The TLS settings of each backend (by position, which is its id in the
-/// generation), with one connector for all: trust roots from
-/// `upstream_ca_file` (checked even if no backend wants TLS yet, so that a
-/// bad file is found now) or the built-in ones.
-fn upstream_tls(config: &Config) -> Result<Vec<Option<TlsTarget>>, TlsError> {
+/// The TLS settings of each backend of `expanded` (by position in the
+/// pool), with one connector for all: trust roots from `upstream_ca_file`
+/// (checked even if no backend wants TLS yet, so that a bad file is found
+/// now) or the built-in ones. A backend found through a name verifies that
+/// name (or its `tls_server_name`), not its address.
+fn upstream_tls(
+    config: &Config,
+    expanded: &[discovery::Expanded],
+) -> Result<Vec<Option<TlsTarget>>, TlsError> {
     if config.upstream_ca_file.is_none() && config.backends.iter().all(|b| b.tls.is_none()) {
         return Ok(Vec::new());
     }
     let connector = TlsConnector::from(tls::client_config(config.upstream_ca_file.as_deref())?);
-    Ok(config
-        .backends
+    Ok(expanded
         .iter()
-        .map(|b| {
-            let name = tls::server_name(&b.tls.as_ref()?.server_name)?;
+        .map(|e| {
+            let name = tls::server_name(&e.config.tls.as_ref()?.server_name)?;
             Some(TlsTarget {
                 connector: connector.clone(),
                 name,

@@ -504,13 +504,14 @@ impl Worker {
         let shared = Arc::clone(&self.shared);
         let sweeper = tokio::spawn(async move {
             // Idle upstream connections past upstream_idle_timeout close,
-            // and those to a backend being drained.
+            // and those to a backend being drained or no longer in the pool
+            // (a reload, or an address gone from a name's answer).
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tick.tick().await;
                 let state = shared.generations.peek();
                 upstream::sweep(state.config().tuning.upstream_idle_timeout, |address| {
-                    state.pool().find(address).is_some_and(|b| b.is_draining())
+                    state.pool().find(address).is_none_or(|b| b.is_draining())
                 });
             }
         });

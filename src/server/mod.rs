@@ -5,8 +5,9 @@
 //! The [`Registry`] lives as long as the balancer, across reloads: it keeps
 //! what is measured about each address, so a backend that stays in the
 //! config keeps its health, statistics and state. Each config generation
-//! gets a [`Pool`] from it: the configured backends in order, ids by
-//! position (the ids a strategy sees).
+//! gets a [`Pool`] from it: the backends in configured order, a configured
+//! address's id its position in the config, an address found through DNS an
+//! id above them that the registry keeps for it (the ids a strategy sees).
 //!
 //! Everything on the request path is a lock-free atomic; the only locks
 //! guard a backend's health streak, taken once per health observation, and
@@ -20,6 +21,7 @@ use rustc_hash::FxHashMap;
 
 use crate::balancer::{BackendInfo, BackendView};
 use crate::config::BackendConfig;
+use crate::discovery::Expanded;
 
 /// Where a backend stands, as `/backends` shows it (HAProxy's runtime
 /// states, named for this balancer): one value, never inferred from
@@ -80,6 +82,8 @@ pub struct Backend {
     authority: http::uri::Authority,
     weight: u32,
     labels: Vec<(String, String)>,
+    /// The name it was found through (DNS discovery); `None` if configured.
+    source: Option<Arc<str>>,
     stats: Arc<Stats>,
 }
 
@@ -164,13 +168,22 @@ impl Backend {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
+            source: None,
             stats,
         })
     }
 
-    /// Position in the configured list.
+    /// Its id: its position in the configured list, or for an address found
+    /// through DNS, one above them, kept for that name and address while the
+    /// process runs.
     pub fn id(&self) -> u32 {
         self.id
+    }
+
+    /// The backend name it was found through; `None` for a configured
+    /// address.
+    pub fn source(&self) -> Option<&str> {
+        self.source.as_deref()
     }
 
     /// `host:port` as configured.
@@ -453,6 +466,36 @@ impl Drop for ConnectionGuard {
 #[derive(Debug, Default)]
 pub struct Registry {
     stats: Mutex<FxHashMap<String, Arc<Stats>>>,
+    ids: Mutex<DiscoveredIds>,
+}
+
+/// The ids given to addresses found through DNS, by name and address: an
+/// address keeps its id while the process runs, even if it leaves and comes
+/// back, and no id is given twice.
+#[derive(Debug, Default)]
+struct DiscoveredIds {
+    by_address: FxHashMap<(Arc<str>, String), u32>,
+    next: u32,
+}
+
+impl DiscoveredIds {
+    /// The id of `address` found through `source`, in a config of
+    /// `configured` entries: its own if it has one above the configured
+    /// ids, else the next unused one.
+    fn id(&mut self, source: &Arc<str>, address: &str, configured: u32) -> u32 {
+        self.next = self.next.max(configured);
+        let key = (Arc::clone(source), address.to_string());
+        match self.by_address.get(&key) {
+            // A reload that lengthened the config may have reached it.
+            Some(&id) if id >= configured => id,
+            _ => {
+                let id = self.next;
+                self.next += 1;
+                self.by_address.insert(key, id);
+                id
+            }
+        }
+    }
 }
 
 impl Registry {
@@ -468,16 +511,45 @@ impl Registry {
     /// service ([`Registry::commit`]), so a pool that is never used (a
     /// rejected reload) leaves no trace.
     pub fn pool(&self, configs: &[BackendConfig]) -> Result<Pool, http::uri::InvalidUri> {
-        let known = self.stats.lock().unwrap_or_else(|e| e.into_inner());
-        let backends = configs
+        let expanded: Vec<Expanded> = configs
             .iter()
             .enumerate()
-            .map(|(i, c)| {
-                let stats = known.get(&c.address).cloned().unwrap_or_default();
-                Ok::<_, http::uri::InvalidUri>(Arc::new(Backend::with_stats(i as u32, c, stats)?))
+            .map(|(entry, c)| Expanded {
+                config: c.clone(),
+                entry,
+                source: None,
+            })
+            .collect();
+        self.expanded_pool(configs.len(), &expanded)
+    }
+
+    /// The pool for a generation's concrete backends (see
+    /// `discovery::expand`) from a config of `configured` entries: a
+    /// configured address has its entry's position as id; an address found
+    /// through a name has the id the registry gave that name and address
+    /// (a new one, above every configured id, the first time). Stats as for
+    /// [`Registry::pool`].
+    pub fn expanded_pool(
+        &self,
+        configured: usize,
+        expanded: &[Expanded],
+    ) -> Result<Pool, http::uri::InvalidUri> {
+        let known = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ids = self.ids.lock().unwrap_or_else(|e| e.into_inner());
+        let backends: Vec<Arc<Backend>> = expanded
+            .iter()
+            .map(|e| {
+                let id = match &e.source {
+                    None => e.entry as u32,
+                    Some(source) => ids.id(source, &e.config.address, configured as u32),
+                };
+                let stats = known.get(&e.config.address).cloned().unwrap_or_default();
+                let mut backend = Backend::with_stats(id, &e.config, stats)?;
+                backend.source = e.source.clone();
+                Ok::<_, http::uri::InvalidUri>(Arc::new(backend))
             })
             .collect::<Result<_, _>>()?;
-        Ok(Pool { backends })
+        Ok(Pool::from_backends(backends))
     }
 
     /// Makes `pool` the registry's view: its addresses are the ones known
@@ -494,13 +566,31 @@ impl Registry {
     }
 }
 
-/// The configured backends of one generation, in order.
+/// The backends of one generation, in configured order.
 #[derive(Debug)]
 pub struct Pool {
     backends: Vec<Arc<Backend>>,
+    /// (id, position) sorted by id, when ids are not positions (DNS
+    /// discovery, or a name with no address); empty when every backend's id
+    /// is its position, which [`Pool::get`] then uses directly.
+    by_id: Vec<(u32, u32)>,
 }
 
 impl Pool {
+    fn from_backends(backends: Vec<Arc<Backend>>) -> Pool {
+        let dense = backends.iter().enumerate().all(|(i, b)| b.id as usize == i);
+        let mut by_id = Vec::new();
+        if !dense {
+            by_id = backends
+                .iter()
+                .enumerate()
+                .map(|(i, b)| (b.id, i as u32))
+                .collect();
+            by_id.sort_unstable();
+        }
+        Pool { backends, by_id }
+    }
+
     /// A pool of the given backends, ids by position, with fresh stats.
     pub fn new(configs: &[BackendConfig]) -> Result<Pool, http::uri::InvalidUri> {
         Registry::new().pool(configs)
@@ -511,14 +601,24 @@ impl Pool {
         self.backends.iter().find(|b| b.address == address)
     }
 
-    /// All configured backends, eligible or not.
+    /// All backends, eligible or not, in configured order (a name's
+    /// addresses where the name stands).
     pub fn backends(&self) -> &[Arc<Backend>] {
         &self.backends
     }
 
     /// The backend with this id.
     pub fn get(&self, id: u32) -> Option<&Arc<Backend>> {
-        self.backends.get(id as usize)
+        self.backends.get(self.position(id)?)
+    }
+
+    /// Where the backend with this id is in [`Pool::backends`].
+    pub fn position(&self, id: u32) -> Option<usize> {
+        if self.by_id.is_empty() {
+            return ((id as usize) < self.backends.len()).then_some(id as usize);
+        }
+        let i = self.by_id.binary_search_by_key(&id, |&(id, _)| id).ok()?;
+        Some(self.by_id[i].1 as usize)
     }
 
     /// How `configure` describes the backends to a strategy.
@@ -628,6 +728,89 @@ mod tests {
             .pool(&[BackendConfig::new("127.0.0.1:1000")])
             .unwrap();
         assert!(back.backends()[0].is_healthy());
+    }
+
+    fn found(entry: usize, address: &str, source: &str) -> Expanded {
+        Expanded {
+            config: BackendConfig::new(address),
+            entry,
+            source: Some(Arc::from(source)),
+        }
+    }
+
+    #[test]
+    fn discovered_addresses_get_ids_above_the_configured_ones_never_reused() {
+        let registry = Registry::new();
+        let configured = Expanded {
+            config: BackendConfig::new("10.0.0.1:80"),
+            entry: 0,
+            source: None,
+        };
+        let ids = |pool: &Pool| -> Vec<(String, u32)> {
+            pool.backends()
+                .iter()
+                .map(|b| (b.address().to_string(), b.id()))
+                .collect()
+        };
+        // Config: [10.0.0.1:80, svc:80]; svc -> .2, .3.
+        let pool = registry
+            .expanded_pool(
+                2,
+                &[
+                    configured.clone(),
+                    found(1, "10.0.0.2:80", "svc"),
+                    found(1, "10.0.0.3:80", "svc"),
+                ],
+            )
+            .unwrap();
+        let pairs = ids(&pool);
+        assert_eq!(
+            pairs,
+            [
+                ("10.0.0.1:80".into(), 0),
+                ("10.0.0.2:80".into(), 2),
+                ("10.0.0.3:80".into(), 3)
+            ]
+        );
+        assert_eq!(pool.get(3).unwrap().address(), "10.0.0.3:80");
+        assert_eq!(pool.get(3).unwrap().source(), Some("svc"));
+        assert!(pool.get(1).is_none(), "the name's position is no backend");
+        assert_eq!(pool.position(2), Some(1));
+        // .2 leaves, .4 joins: new id; .2 comes back: its old id.
+        let pool = registry
+            .expanded_pool(
+                2,
+                &[
+                    found(1, "10.0.0.3:80", "svc"),
+                    found(1, "10.0.0.4:80", "svc"),
+                ],
+            )
+            .unwrap();
+        assert_eq!(ids(&pool)[1].1, 4);
+        let pool = registry
+            .expanded_pool(2, &[found(1, "10.0.0.2:80", "svc")])
+            .unwrap();
+        assert_eq!(ids(&pool)[0].1, 2);
+        // A reload to 4 entries reaches ids 2 and 3: those move above all.
+        let pool = registry
+            .expanded_pool(
+                4,
+                &[
+                    found(3, "10.0.0.2:80", "svc"),
+                    found(3, "10.0.0.4:80", "svc"),
+                ],
+            )
+            .unwrap();
+        assert_eq!(
+            ids(&pool).iter().map(|(_, id)| *id).collect::<Vec<_>>(),
+            [5, 4]
+        );
+        // Empty: nothing to get.
+        let empty = registry.expanded_pool(1, &[]).unwrap();
+        assert!(empty.get(0).is_none());
+        let mut out = Vec::new();
+        empty.eligible(&[], &mut out);
+        assert!(out.is_empty());
     }
 
     #[test]
