@@ -182,7 +182,7 @@ impl Resolver {
         Ok(Resolver { inner })
     }
 
-    /// Looks `name` up (A and AAAA), within [`LOOKUP_TIMEOUT`].
+    /// Looks `name` up (A and AAAA), within `LOOKUP_TIMEOUT` (5 s).
     pub async fn lookup(&self, name: &str) -> Lookup {
         let lookup = tokio::time::timeout(LOOKUP_TIMEOUT, self.inner.lookup_ip(name)).await;
         match lookup {
