@@ -853,7 +853,8 @@ async fn health_checks_of_a_tls_backend_speak_tls_and_verify_it() {
 async fn sent_then_closed(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     if !bytes.is_empty() {
-        stream.write_all(bytes).await.unwrap();
+        // A connection cut off while this is still sending is cut off.
+        let _ = stream.write_all(bytes).await;
     }
     let mut received = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(8), async {
@@ -889,12 +890,24 @@ async fn plain_http_garbage_and_stalled_handshakes_are_cut_off_at_the_tls_port()
         rustls::ClientConnection::new(client_config(&site.ca), server_name("site.test")).unwrap();
     tls.write_tls(&mut hello).unwrap();
     let half = hello[..hello.len() / 2].to_vec();
+    // A ClientHello announcing 1 MiB, sent as six full 16 KiB handshake
+    // records (96 KiB): past what any server buffers for one message.
+    let mut huge = Vec::new();
+    for record in 0..6 {
+        huge.extend_from_slice(&[0x16, 0x03, 0x01, 0x40, 0x00]);
+        let mut payload = vec![0x41u8; 0x4000];
+        if record == 0 {
+            payload[..4].copy_from_slice(&[0x01, 0x10, 0x00, 0x00]);
+        }
+        huge.extend_from_slice(&payload);
+    }
 
-    let cases: [(&str, &[u8]); 4] = [
+    let cases: [(&str, &[u8]); 5] = [
         ("plain HTTP", b"GET / HTTP/1.1\r\nHost: site.test\r\n\r\n"),
         ("garbage", b"\x00\xffnot tls at all\r\n\r\n\x16\x03"),
         ("silence", b""),
         ("half a ClientHello", &half),
+        ("a 1 MiB ClientHello", &huge),
     ];
     // All at once: each is cut off by itself.
     let tasks: Vec<_> = cases
