@@ -10,19 +10,21 @@
 //! gets 400 (see [`super::headers::parse_request`]). Every such answer
 //! closes the connection, and nothing of the request reaches a backend.
 
+use std::future::Future;
 use std::io;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::sync::watch;
-use tokio::time::Instant as Deadline;
 
+use super::deadline::Deadline;
 use super::error::ProxyError;
 use super::forward;
 use super::headers::{parse_request, HeadError, RequestHead};
 use super::http1::{read_more_within, write_body, Framing, LAST_CHUNK};
+use super::idle;
 use super::tunnel::{self, TunnelEnd};
 use crate::transport::Stream;
 
@@ -76,104 +78,177 @@ impl Client {
 
 /// Serves one client connection until it closes, breaks the protocol, times
 /// out, or the balancer shuts down; then closes it (a TLS connection with
-/// a `close_notify`, so that the client can tell the end from a cut).
-pub(super) async fn serve(
+/// a `close_notify`, so that the client can tell the end from a cut), and
+/// drops `held` (the guards that count the connection).
+///
+/// What this future holds stays with the connection for its whole life,
+/// idle waits included: the stream, the client's address, one timer (see
+/// [`Deadline`]), an empty buffer handle and the idle wait. A request in
+/// progress (its buffer, head and forwarding state) lives in a boxed
+/// future of its own, so an idle connection's task is a few hundred bytes.
+/// (An `async` block rather than an `async fn`: the latter would store its
+/// arguments twice.)
+#[allow(clippy::manual_async_fn)]
+pub(super) fn serve<H: Send>(
     stream: Stream,
     client: Client,
     shared: Arc<Shared>,
-    shutdown: watch::Receiver<Option<Duration>>,
-) {
-    serve_requests(&stream, &client, &shared, shutdown).await;
-    stream.close().await;
-}
-
-async fn serve_requests(
-    stream: &Stream,
-    client: &Client,
-    shared: &Arc<Shared>,
-    mut shutdown: watch::Receiver<Option<Duration>>,
-) {
-    let mut buf = BytesMut::new();
-    let mut first = true;
-    loop {
-        // The limits of the generation current while the connection waits;
-        // the request itself is served by the one current when its head
-        // has arrived, so a connection idle across a reload follows the new
-        // config (and holds no generation while idle).
+    held: H,
+) -> impl Future<Output = ()> + Send {
+    async move {
         let limits = shared.generations.peek().config().clients;
-        let head = match read_head(stream, &mut buf, client, limits, first, &mut shutdown).await {
-            Ok(head) => head,
-            Err(HeadFailure::Closed) => return,
-            Err(HeadFailure::Refused(error)) => {
-                let status = match error {
-                    HeadError::BadRequest(_) => 400,
-                    HeadError::TooLarge => 431,
-                    HeadError::NotImplemented(_) => 501,
-                    HeadError::ExpectationFailed => 417,
-                };
-                tracing::debug!(
-                    client = client.text(),
-                    "refused a request head ({status}): {error}"
-                );
-                shared
-                    .metrics()
-                    .record_request(NO_BACKEND, status, Duration::ZERO);
-                let _ = write_error(stream, status, &error.to_string(), false, true).await;
-                return;
+        // A new connection has the head timeout from its start.
+        let timer = tokio::time::sleep(limits.header_timeout);
+        tokio::pin!(timer);
+        let mut deadline = Deadline::new(timer, &limits);
+        let slot = idle::Slot::new();
+        let mut buf = BytesMut::new();
+        let mut first = true;
+        loop {
+            if buf.is_empty() {
+                // No buffer while waiting: it is taken when bytes arrive.
+                give_back(std::mem::take(&mut buf));
+                if !wait_for_bytes(&stream, &mut deadline, &slot).await {
+                    break;
+                }
             }
-        };
-        first = false;
-        let state = shared.state();
-        // Boxed: the state of a request in flight is allocated for its
-        // duration only, so an idle connection stays small (about 10,000
-        // of them in a few MiB).
-        let keep_going = Box::pin(serve_request(
-            stream, &mut buf, head, client, shared, &state, &shutdown,
-        ))
-        .await;
-        if !keep_going {
-            return;
+            // Boxed: the state of a request in flight is allocated for its
+            // duration only.
+            let served = Box::pin(serve_next(
+                &stream,
+                &mut buf,
+                &client,
+                &shared,
+                first,
+                &mut deadline,
+            ))
+            .await;
+            let Some(answered) = served else {
+                break;
+            };
+            first = false;
+            // A kept-alive connection has the keep-alive timeout until its
+            // next request starts, from the generation current now (so a
+            // connection idle across a reload follows the new config, and
+            // holds no generation while idle).
+            let limits = shared.generations.peek().config().clients;
+            deadline.set_limits(&limits);
+            deadline.set(answered + limits.keepalive_timeout);
         }
+        stream.close().await;
+        drop(held);
     }
 }
 
+/// Waits, idle and without a buffer, until the client sends something (or
+/// closes). False if the deadline passes first, or the grace a drain
+/// leaves an idle connection: the connection is to be closed.
+fn wait_for_bytes<'a, 't>(
+    stream: &'a Stream,
+    deadline: &'a mut Deadline<'t>,
+    slot: &'a idle::Slot,
+) -> impl Future<Output = bool> + use<'a, 't> {
+    let mut draining = false;
+    std::future::poll_fn(move |cx| {
+        // Bytes that arrived are served even when the deadline has passed
+        // meanwhile. A failed socket is "readable" too: the read reports it.
+        if stream.poll_readable(cx).is_ready() {
+            return Poll::Ready(true);
+        }
+        if !draining {
+            if let Poll::Ready(timeout) = slot.poll_drain(cx) {
+                // The balancer is stopping and this connection is idle (or
+                // new, before its first byte). Closing it at once would
+                // race a client that is sending its next request right now:
+                // that request would be lost with no answer. It gets a
+                // short grace instead; a request that arrives within it is
+                // served and answered with `Connection: close`.
+                draining = true;
+                let grace = Instant::now() + timeout.min(DRAIN_IDLE_GRACE);
+                deadline.set(deadline.at().min(grace));
+            }
+        }
+        if deadline.poll_expired(cx).is_ready() {
+            return Poll::Ready(false);
+        }
+        Poll::Pending
+    })
+}
+
+/// Reads the head of the request whose first bytes are in `buf` or on the
+/// connection, forwards it and writes the answer. Returns when the answer
+/// was written if the connection can carry another request.
+async fn serve_next(
+    stream: &Stream,
+    buf: &mut BytesMut,
+    client: &Client,
+    shared: &Arc<Shared>,
+    first: bool,
+    deadline: &mut Deadline<'_>,
+) -> Option<Instant> {
+    // The generation current when the request's first bytes arrive serves
+    // it.
+    let state = shared.state();
+    let limits = state.config().clients;
+    // The head has client_header_timeout from its first bytes (a new
+    // connection's, from accept).
+    let arrived = Instant::now();
+    if !first {
+        deadline.set(arrived + limits.header_timeout);
+    }
+    if buf.capacity() == 0 {
+        *buf = take_buffer();
+    }
+    // The request starts once its head is in: at once, usually, so the
+    // clock read above serves for both.
+    let (head, started) = match read_head(stream, buf, client, limits, deadline).await {
+        Ok((head, false)) => (head, arrived),
+        Ok((head, true)) => (head, Instant::now()),
+        Err(HeadFailure::Closed) => return None,
+        Err(HeadFailure::Refused(error)) => {
+            let status = match error {
+                HeadError::BadRequest(_) => 400,
+                HeadError::TooLarge => 431,
+                HeadError::NotImplemented(_) => 501,
+                HeadError::ExpectationFailed => 417,
+            };
+            tracing::debug!(
+                client = client.text(),
+                "refused a request head ({status}): {error}"
+            );
+            shared
+                .metrics()
+                .record_request(NO_BACKEND, status, Duration::ZERO);
+            let _ = write_error(stream, status, &error.to_string(), false, true).await;
+            return None;
+        }
+    };
+    serve_request(stream, buf, head, client, shared, &state, started, deadline).await
+}
+
 enum HeadFailure {
-    /// The client went, was idle too long, or the balancer is stopping.
+    /// The client went, or was too slow, or the balancer is stopping.
     Closed,
     /// The head is malformed or too large: answered, then closed.
     Refused(HeadError),
 }
 
-/// Waits for and parses the next request head.
+/// Reads and parses a request head, within the connection's deadline; says
+/// whether it had to wait for more of it than the connection had at once.
 async fn read_head(
     stream: &Stream,
     buf: &mut BytesMut,
     client: &Client,
     limits: ClientLimits,
-    first: bool,
-    shutdown: &mut watch::Receiver<Option<Duration>>,
-) -> Result<RequestHead, HeadFailure> {
-    let now = Deadline::now();
-    // A new connection has the head timeout from its start; a kept-alive
-    // one the keep-alive timeout until its next request starts.
-    let mut deadline = now
-        + if first {
-            limits.header_timeout
-        } else {
-            limits.keepalive_timeout
-        };
-    let mut started = first;
-    let mut draining = false;
+    deadline: &mut Deadline<'_>,
+) -> Result<(RequestHead, bool), HeadFailure> {
+    let mut waited = false;
     loop {
         if !buf.is_empty() {
-            if !started {
-                started = true;
-                deadline = Deadline::now() + limits.header_timeout;
-            }
             match parse_request(buf, client.text(), client.tls) {
                 Ok(Some((len, head))) if len <= limits.max_header_bytes => {
                     buf.advance(len);
-                    return Ok(head);
+                    return Ok((head, waited));
                 }
                 Ok(Some(_)) => return Err(HeadFailure::Refused(HeadError::TooLarge)),
                 Ok(None) if buf.len() > limits.max_header_bytes => {
@@ -182,46 +257,23 @@ async fn read_head(
                 Ok(None) => {}
                 Err(error) => return Err(HeadFailure::Refused(error)),
             }
-        } else if !draining {
-            if let Some(timeout) = *shutdown.borrow() {
-                // The balancer is stopping and this connection is idle (or
-                // new, before its first byte). Closing it at once would race
-                // a client that is sending its next request right now: that
-                // request would be lost with no answer. It gets a short
-                // grace instead; a request that arrives within it is served
-                // and answered with `Connection: close`.
-                draining = true;
-                deadline = deadline.min(Deadline::now() + timeout.min(DRAIN_IDLE_GRACE));
-            }
         }
-        let idle = buf.is_empty();
-        if idle {
-            // No buffer while waiting: it is taken when bytes arrive.
-            give_back(std::mem::take(buf));
-        }
-        let read = async {
-            if idle {
-                stream.readable().await?;
-                *buf = take_buffer();
+        let read = std::future::poll_fn(|cx| {
+            if let Poll::Ready(read) = stream.poll_read_more(cx, buf) {
+                return Poll::Ready(Some(read));
             }
-            stream.read_more(buf).await
-        };
-        tokio::select! {
-            read = read => match read {
-                Ok(0) | Err(_) => return Err(HeadFailure::Closed),
-                Ok(_) => {}
-            },
-            () = tokio::time::sleep_until(deadline) => {
-                if !idle {
+            waited = true;
+            deadline.poll_expired(cx).map(|()| None)
+        })
+        .await;
+        match read {
+            Some(Ok(0) | Err(_)) => return Err(HeadFailure::Closed),
+            Some(Ok(_)) => {}
+            None => {
+                if !buf.is_empty() {
                     tracing::debug!(client = client.text(), "client_header_timeout: closing a connection with an incomplete request head");
                 }
                 return Err(HeadFailure::Closed);
-            }
-            // When the balancer starts to stop, the grace above begins.
-            changed = shutdown.changed(), if idle && !draining => {
-                if changed.is_err() {
-                    return Err(HeadFailure::Closed);
-                }
             }
         }
     }
@@ -316,8 +368,11 @@ impl ClientBody<'_> {
     }
 }
 
-/// Forwards one request and writes its answer. Returns whether the
-/// connection can carry another request.
+/// Forwards one request and writes its answer. Returns when the answer was
+/// written if the connection can carry another request.
+// Each argument is borrowed from a different owner (the connection, its
+// task, the worker, the generation).
+#[allow(clippy::too_many_arguments)]
 async fn serve_request(
     stream: &Stream,
     buf: &mut BytesMut,
@@ -325,9 +380,9 @@ async fn serve_request(
     client: &Client,
     shared: &Shared,
     state: &State,
-    shutdown: &watch::Receiver<Option<Duration>>,
-) -> bool {
-    let started = Instant::now();
+    started: Instant,
+    deadline: &mut Deadline<'_>,
+) -> Option<Instant> {
     let stall = state.config().clients.request_timeout;
     let mut body = ClientBody {
         stream,
@@ -337,15 +392,15 @@ async fn serve_request(
         started: false,
         stall,
     };
-    let result = forward::forward(shared, state, &head, client, &mut body, started).await;
+    let result = forward::forward(shared, state, &head, client, &mut body, deadline, started).await;
     // An unread rest of the body leaves no way to find the next request.
     let body_done = body.is_done();
-    let keep_alive = head.keep_alive && body_done && shutdown.borrow().is_none();
+    let keep_alive = head.keep_alive && body_done && idle::draining().is_none();
     let (status, guard, ok) = match result {
         Ok((response, guard)) if response.head.upgraded => {
             record(shared, state, Some(&guard), 101, started, &head);
             upgrade(stream, buf, response, guard, shared, state).await;
-            return false;
+            return None;
         }
         Ok((response, guard)) => {
             let status = response.head.status;
@@ -367,8 +422,8 @@ async fn serve_request(
             (status, None, ok && !close)
         }
     };
-    record(shared, state, guard.as_ref(), status, started, &head);
-    ok
+    let answered = record(shared, state, guard.as_ref(), status, started, &head);
+    ok.then_some(answered)
 }
 
 /// Sends a backend's `101` on to the client and carries the two
@@ -545,7 +600,8 @@ async fn write_error(
         .await
 }
 
-/// Counts and times a finished request and, if enabled, logs it.
+/// Counts and times a finished request and, if enabled, logs it; returns
+/// the time it finished.
 fn record(
     shared: &Shared,
     state: &State,
@@ -553,8 +609,9 @@ fn record(
     status: u16,
     started: Instant,
     head: &RequestHead,
-) {
-    let elapsed = started.elapsed();
+) -> Instant {
+    let now = Instant::now();
+    let elapsed = now.saturating_duration_since(started);
     let backend = guard.map_or(NO_BACKEND, |g| g.backend().address());
     shared.metrics().record_request(backend, status, elapsed);
     if state.config().access_log {
@@ -570,4 +627,5 @@ fn record(
             "request"
         );
     }
+    now
 }

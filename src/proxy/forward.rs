@@ -3,6 +3,7 @@
 
 use std::time::Instant;
 
+use super::deadline::Deadline;
 use super::downstream::{Client, ClientBody};
 use super::error::{describe, ProxyError};
 use super::headers::RequestHead;
@@ -27,6 +28,7 @@ pub(super) async fn forward(
     head: &RequestHead,
     client: &Client,
     body: &mut ClientBody<'_>,
+    deadline: &mut Deadline<'_>,
     started: Instant,
 ) -> Result<(UpstreamResponse, ConnectionGuard), ProxyError> {
     let retry_after_send = head.is_idempotent() && head.framing.is_done();
@@ -87,7 +89,7 @@ pub(super) async fn forward(
             address: backend.address(),
             tls: state.upstream_tls(backend),
         };
-        let answer = upstream::send(target, head, body, limits, sent).await;
+        let answer = upstream::send(target, head, body, deadline, limits, sent).await;
         let outcome = |status: Option<u16>, failure: Option<Failure>, at: Instant| Outcome {
             backend_id: backend.id(),
             status,

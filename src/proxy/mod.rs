@@ -22,11 +22,13 @@
 //! observing strategy; a failed attempt is retried elsewhere when that is
 //! safe.
 
+mod deadline;
 mod downstream;
 mod error;
 mod forward;
 mod headers;
 mod http1;
+mod idle;
 mod tunnel;
 mod upstream;
 mod view;
@@ -520,10 +522,14 @@ impl Worker {
             let (accepted, tls) = tokio::select! {
                 accepted = accept(&listeners, &mut next) => accepted,
                 changed = self.shutdown.changed() => {
-                    break match changed {
+                    let timeout = match changed {
                         Ok(()) => self.shutdown.borrow().unwrap_or_default(),
                         Err(_) => Duration::ZERO,
                     };
+                    // Idle connections get their grace, busy ones answer
+                    // with `Connection: close`.
+                    idle::begin_drain(timeout);
+                    break timeout;
                 }
             };
             {
@@ -604,23 +610,26 @@ impl Worker {
         }
         let client = downstream::Client::new(peer.ip().to_canonical(), tls);
         let shared = Arc::clone(&self.shared);
-        let shutdown = self.shutdown.clone();
-        let open = connections.open();
+        let held = (slot, connections.open());
+        if !tls {
+            // The connection's future is spawned as it is, not inside
+            // another: its stream, client and guards are stored once, in
+            // the task an idle connection keeps.
+            tokio::spawn(downstream::serve(
+                Stream::Plain(stream),
+                client,
+                shared,
+                held,
+            ));
+            return;
+        }
         tokio::spawn(async move {
-            let stream = if tls {
-                // Boxed: a handshake in progress holds a whole TLS session;
-                // inline, it would make every connection's task that much
-                // larger, plain ones included, for their whole life.
-                match Box::pin(handshake(stream, &shared, &client)).await {
-                    Some(stream) => stream,
-                    None => return,
-                }
-            } else {
-                Stream::Plain(stream)
-            };
-            downstream::serve(stream, client, shared, shutdown).await;
-            drop(slot);
-            drop(open);
+            // Boxed: a handshake in progress holds a whole TLS session;
+            // inline, it would make every connection's task that much
+            // larger for its whole life.
+            if let Some(stream) = Box::pin(handshake(stream, &shared, &client)).await {
+                downstream::serve(stream, client, shared, held).await;
+            }
         });
     }
 }

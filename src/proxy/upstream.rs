@@ -15,6 +15,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use rustc_hash::FxHashMap;
 use tokio::net::TcpStream;
 
+use super::deadline::Deadline;
 use super::downstream::ClientBody;
 use super::headers::{parse_response, ParsedResponse, RequestHead, ResponseHead};
 use super::http1::{self, read_more_within, Framing, LAST_CHUNK, READ_CHUNK};
@@ -196,6 +197,7 @@ pub async fn send(
     target: Target<'_>,
     head: &RequestHead,
     body: &mut ClientBody<'_>,
+    deadline: &mut Deadline<'_>,
     limits: Limits,
     sent: Instant,
 ) -> Result<UpstreamResponse, UpstreamError> {
@@ -211,7 +213,7 @@ pub async fn send(
             None => connect(target, limits).await?,
         };
         let reused = connection.reused;
-        match exchange(connection, address, head, body, limits, sent).await {
+        match exchange(connection, address, head, body, deadline, limits, sent).await {
             // A pooled connection the backend had closed: nothing of the
             // body was read yet, so the request goes again on a fresh
             // connection.
@@ -266,6 +268,7 @@ async fn exchange(
     address: &str,
     head: &RequestHead,
     body: &mut ClientBody<'_>,
+    deadline: &mut Deadline<'_>,
     limits: Limits,
     sent: Instant,
 ) -> Result<UpstreamResponse, UpstreamError> {
@@ -303,10 +306,9 @@ async fn exchange(
         let read = read_head(stream, buf, reused, head_request, head.upgrade);
         // From the attempt's start, which the caller has read already (the
         // write usually completes at once); a body that takes longer to
-        // send moves it below.
-        let answer_by =
-            tokio::time::sleep_until(tokio::time::Instant::from_std(sent + limits.read_timeout));
-        tokio::pin!(write, read, answer_by);
+        // send moves it below. The client connection's one timer watches it.
+        deadline.set(sent + limits.read_timeout);
+        tokio::pin!(write, read);
         let mut write_error = None;
         let response = loop {
             let sending = !request_done && write_error.is_none();
@@ -321,12 +323,10 @@ async fn exchange(
                         // already (413, say), so the head is still awaited.
                         Err(error) => write_error = Some(error),
                     }
-                    answer_by
-                        .as_mut()
-                        .reset(tokio::time::Instant::now() + limits.read_timeout);
+                    deadline.set(Instant::now() + limits.read_timeout);
                 },
                 response = &mut read => break response,
-                () = &mut answer_by, if !sending => {
+                () = deadline.expired(), if !sending => {
                     return Err(write_error.unwrap_or(UpstreamError::Timeout(limits.read_timeout)))
                 }
             }

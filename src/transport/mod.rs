@@ -103,27 +103,31 @@ impl Stream {
     /// socket, or, for TLS, plaintext the session already decrypted. Lets
     /// an idle connection wait without a buffer.
     pub async fn readable(&self) -> io::Result<()> {
+        poll_fn(|cx| self.poll_readable(cx)).await
+    }
+
+    /// [`Stream::readable`] for poll-based callers. It keeps no waiter of
+    /// its own (the socket's single reader slot holds the waker), so
+    /// polling it costs no registration, and dropping it none either.
+    pub fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
-            Stream::Plain(tcp) => tcp.readable().await,
+            Stream::Plain(tcp) => tcp.poll_read_ready(cx),
             Stream::Tls(tls) => {
-                poll_fn(|cx| {
-                    let mut tls = lock(tls);
-                    let (tcp, buffered) = match &mut *tls {
-                        tokio_rustls::TlsStream::Client(c) => {
-                            let (tcp, session) = c.get_mut();
-                            (tcp, has_plaintext(session.reader()))
-                        }
-                        tokio_rustls::TlsStream::Server(s) => {
-                            let (tcp, session) = s.get_mut();
-                            (tcp, has_plaintext(session.reader()))
-                        }
-                    };
-                    if buffered {
-                        return Poll::Ready(Ok(()));
+                let mut tls = lock(tls);
+                let (tcp, buffered) = match &mut *tls {
+                    tokio_rustls::TlsStream::Client(c) => {
+                        let (tcp, session) = c.get_mut();
+                        (tcp, has_plaintext(session.reader()))
                     }
-                    tcp.poll_read_ready(cx)
-                })
-                .await
+                    tokio_rustls::TlsStream::Server(s) => {
+                        let (tcp, session) = s.get_mut();
+                        (tcp, has_plaintext(session.reader()))
+                    }
+                };
+                if buffered {
+                    return Poll::Ready(Ok(()));
+                }
+                tcp.poll_read_ready(cx)
             }
         }
     }
@@ -175,9 +179,13 @@ impl Stream {
     /// socket closes it.
     pub async fn close(&self) {
         if self.is_tls() {
-            let _ =
-                tokio::time::timeout(Duration::from_secs(1), poll_fn(|cx| self.poll_shutdown(cx)))
-                    .await;
+            // Boxed: its timer is needed once, at the end, and only for
+            // TLS; inline, it would be part of every connection's future.
+            let _ = Box::pin(tokio::time::timeout(
+                Duration::from_secs(1),
+                poll_fn(|cx| self.poll_shutdown(cx)),
+            ))
+            .await;
         }
     }
 
