@@ -270,6 +270,11 @@ pub fn set_worker(index: usize) {
     WORKER.with(|w| w.set(index));
 }
 
+/// The worker this thread serves (0 on threads that serve none).
+pub fn worker() -> usize {
+    WORKER.with(std::cell::Cell::get)
+}
+
 /// A strategy plus the guards around it: range check, fault counting and
 /// rate-limited logging, the native round-robin fallback, and quarantine of
 /// a module that keeps faulting.

@@ -13,12 +13,15 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::histogram::exponential_buckets;
 use prometheus_client::registry::Registry;
 use rustc_hash::FxHashMap;
 
 use crate::balancer::FaultKind;
 use crate::server::Pool;
+
+mod sharded;
+use sharded::ShardedHistogram;
 
 /// `Content-Type` of [`Metrics::encode`]'s output.
 pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
@@ -53,7 +56,7 @@ struct ResultLabels {
     result: &'static str,
 }
 
-type HistogramFamily = Family<BackendLabels, Histogram, fn() -> Histogram>;
+type HistogramFamily = Family<BackendLabels, ShardedHistogram, fn() -> ShardedHistogram>;
 
 /// One thread's handles to the per-request series of one [`Metrics`].
 #[derive(Default)]
@@ -64,7 +67,7 @@ struct HandleCache {
 }
 
 struct BackendHandles {
-    duration: Histogram,
+    duration: ShardedHistogram,
     codes: Vec<(u16, Counter)>,
 }
 
@@ -77,7 +80,7 @@ pub struct Metrics {
     request_duration: HistogramFamily,
     active: Family<BackendLabels, Gauge>,
     healthy: Family<BackendLabels, Gauge>,
-    select_duration: Histogram,
+    select_duration: ShardedHistogram,
     faults: Family<KindLabels, Counter>,
     retries: Family<BackendLabels, Counter>,
     upstream_errors: Family<UpstreamErrorLabels, Counter>,
@@ -88,8 +91,8 @@ pub struct Metrics {
 }
 
 /// Request durations: 100 µs to about 100 s, doubling.
-fn request_buckets() -> Histogram {
-    Histogram::new(exponential_buckets(0.0001, 2.0, 21))
+fn request_buckets() -> ShardedHistogram {
+    ShardedHistogram::new(exponential_buckets(0.0001, 2.0, 21))
 }
 
 impl Metrics {
@@ -103,7 +106,7 @@ impl Metrics {
             requests.clone(),
         );
         let request_duration: HistogramFamily =
-            Family::new_with_constructor(request_buckets as fn() -> Histogram);
+            Family::new_with_constructor(request_buckets as fn() -> ShardedHistogram);
         registry.register(
             "lb_request_duration_seconds",
             "Time from receiving a request to sending the last byte of its response, by backend",
@@ -123,7 +126,7 @@ impl Metrics {
         );
         // A select call takes about a microsecond; a faulting one up to its
         // deadline. 250 ns to about 0.5 s, doubling.
-        let select_duration = Histogram::new(exponential_buckets(2.5e-7, 2.0, 22));
+        let select_duration = ShardedHistogram::new(exponential_buckets(2.5e-7, 2.0, 22));
         registry.register(
             "lb_strategy_select_duration_seconds",
             "Time the strategy took to pick a backend",
@@ -259,7 +262,9 @@ impl Metrics {
                 .backends
                 .get_mut(backend)
                 .expect("inserted above when missing");
-            handles.duration.observe(duration.as_secs_f64());
+            handles
+                .duration
+                .observe(crate::balancer::worker(), duration);
             match handles.codes.iter().find(|(c, _)| *c == code) {
                 Some((_, counter)) => {
                     counter.inc();
@@ -281,7 +286,8 @@ impl Metrics {
 
     /// Records how long a strategy call took.
     pub fn record_select(&self, duration: Duration) {
-        self.select_duration.observe(duration.as_secs_f64());
+        self.select_duration
+            .observe(crate::balancer::worker(), duration);
     }
 
     /// Counts a strategy fault.
