@@ -576,8 +576,14 @@ def table(args, results, started_at, binary, notes, lb_threads_note):
         f"- command: `{args.command}`",
         "",
     ]
-    header = "| target | conns | req/s | p50 ms | p99 ms | errors | vs nginx-rr | vs direct |"
-    rule = "|---|---:|---:|---:|---:|---:|---:|---:|"
+    header = ("| target | conns | req/s | p50 ms | p99 ms | errors | vs nginx-rr | vs direct "
+              "| CPU µs/req | user µs | sys µs | CPU vs nginx-rr |")
+    rule = "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    lines[-1:-1] = [
+        "- CPU µs/req: utime+stime of the target's whole process tree (/proc) over the measured "
+        "run, divided by its requests (for direct: the backends' nginx); CPU vs nginx-rr: median "
+        "of the per-round ratios of CPU per request",
+    ]
     if args.cpu_profile:
         header += " strategy % CPU | balancer % CPU |"
         rule += "---:|---:|"
@@ -610,8 +616,16 @@ def table(args, results, started_at, binary, notes, lb_threads_note):
             for ref in ("nginx-rr", "direct"):
                 ref_rps = median_rps(ref, conns)
                 ratios.append(fmt(rps / ref_rps, 2) if rps and ref_rps else "–")
+            med = lambda key: (statistics.median(r[key] for r in runs if r.get(key))
+                               if any(r.get(key) for r in runs) else None)
+            # Per round: this target's CPU per request over nginx-rr's in that round.
+            cpu_ratios = [m["cpu_us"] / n["cpu_us"]
+                          for m, n in zip(all_runs, results.get(("nginx-rr", conns), []))
+                          if m and n and m.get("cpu_us") and n.get("cpu_us")]
+            cpu_ratio = fmt(statistics.median(cpu_ratios), 2) if cpu_ratios else "–"
             row = (f"| {target} | {conns} | {fmt(rps, 0)} | {fmt(p50, 2)} | {fmt(p99, 2)} "
-                   f"| {errors} | {ratios[0]} | {ratios[1]} |")
+                   f"| {errors} | {ratios[0]} | {ratios[1]} | {fmt(med('cpu_us'), 1)} "
+                   f"| {fmt(med('cpu_user_us'), 1)} | {fmt(med('cpu_sys_us'), 1)} | {cpu_ratio} |")
             if args.cpu_profile:
                 for key in ("strategy_cpu_pct", "balancer_cpu_pct"):
                     values = [r[key] for r in runs if r.get(key) is not None]
@@ -818,6 +832,23 @@ def cpu_delta(before, after):
     system = sum(s - before.get(p, (0, 0))[1] for p, (_, s) in after.items())
     return user / tick, system / tick
 
+
+
+def with_cpu(pid, run):
+    """run() (a wrk run, returning its result or None) with the CPU time of
+    the process tree of `pid` over it added to the result: cpu_user_us,
+    cpu_sys_us and cpu_us per request."""
+    before = tree_cpu(pid)
+    r = run()
+    after = tree_cpu(pid)
+    if r is not None and r.get("requests"):
+        user, system = cpu_delta(before, after)
+        r["cpu_user_s"], r["cpu_sys_s"] = user, system
+        r["cpu_user_us"] = user * 1e6 / r["requests"]
+        r["cpu_sys_us"] = system * 1e6 / r["requests"]
+        r["cpu_us"] = r["cpu_user_us"] + r["cpu_sys_us"]
+        r["processes"] = len(after)
+    return r
 
 def lb_tls_config(port, tls_port, backends, strategy, worker_threads):
     """The plain config plus a TLS listener with the run's certificate
@@ -1038,16 +1069,8 @@ def run_tls(args, procs, workdir, results_dir, started_at):
                 headers = ["Connection: close"] if test == NEW_CONN else []
                 base = os.path.join(results_dir, "wrk", f"r{rnd}-{t}-{test}-c{conns}")
                 run_wrk(target_ports[t], conns, WARMUP_SECONDS, base + ".warmup.txt", "https", headers, host)
-                before = tree_cpu(proc.pid)
-                r = run_wrk(target_ports[t], conns, args.duration, base + ".txt", "https", headers, host)
-                after = tree_cpu(proc.pid)
-                if r is not None and r.get("requests"):
-                    user, system = cpu_delta(before, after)
-                    r["cpu_user_s"], r["cpu_sys_s"] = user, system
-                    r["cpu_user_us"] = user * 1e6 / r["requests"]
-                    r["cpu_sys_us"] = system * 1e6 / r["requests"]
-                    r["cpu_us"] = r["cpu_user_us"] + r["cpu_sys_us"]
-                    r["processes"] = len(after)
+                r = with_cpu(proc.pid, lambda: run_wrk(target_ports[t], conns, args.duration,
+                                                       base + ".txt", "https", headers, host))
                 results[(t, test, conns)].append(r)
                 raw_rows.append({"round": rnd, "target": t, "test": test, "connections": conns, "result": r})
                 if r:
@@ -1238,7 +1261,8 @@ def run(args, procs, workdir, results_dir, started_at):
                     # The measured run but its first and last half second.
                     data = os.path.join(workdir, "perf.data")
                     perf = start_profile(0.5, max(0.5, args.duration - 1), data)
-                r = run_wrk(target_ports[t], conns, args.duration, base + ".txt")
+                r = with_cpu(proc.pid, lambda: run_wrk(target_ports[t], conns, args.duration,
+                                                       base + ".txt"))
                 if perf:
                     try:
                         perf.wait(timeout=60)
@@ -1258,7 +1282,8 @@ def run(args, procs, workdir, results_dir, started_at):
                         cpu = (f"  strategy {r['strategy_cpu_pct']:.2f} % / balancer "
                                f"{r['balancer_cpu_pct']:.1f} % of busy CPU")
                     log(f"round {rnd}/{args.rounds} {t:13} c={conns:<4} {r['rps']:9.0f} req/s  "
-                        f"p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  errors {r['errors']}{cpu}")
+                        f"p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  errors {r['errors']}  "
+                        f"CPU {fmt(r.get('cpu_us'), 1)} µs/req{cpu}")
                 else:
                     log(f"round {rnd}/{args.rounds} {t:13} c={conns:<4} wrk gave no result, see {base}.txt")
 
