@@ -39,7 +39,7 @@ pub(super) const DRAIN_IDLE_GRACE: Duration = Duration::from_secs(2);
 /// The buffer a request head is first read into; it grows for larger heads
 /// (up to `max_request_header_kib`) and bodies.
 const HEAD_BUFFER: usize = 4096;
-use super::upstream::UpstreamResponse;
+use super::upstream::{UpstreamBody, UpstreamResponse};
 use super::Shared;
 use crate::config::ClientLimits;
 use crate::generation::State;
@@ -399,7 +399,9 @@ async fn serve_request(
     let (status, guard, ok) = match result {
         Ok((response, guard)) if response.head.upgraded => {
             record(shared, state, Some(&guard), 101, started, &head);
-            upgrade(stream, buf, response, guard, shared, state).await;
+            // Boxed: a tunnel's state is needed by upgraded connections
+            // only.
+            Box::pin(upgrade(stream, buf, response, guard, shared, state)).await;
             return None;
         }
         Ok((response, guard)) => {
@@ -544,6 +546,20 @@ async fn write_response(
     if body.is_done() {
         return (true, keep_alive);
     }
+    // Boxed: most bodies arrive with their head; inline, the state of
+    // streaming one would be part of every request's future.
+    let streamed = Box::pin(stream_body(stream, &mut body, chunked, stall)).await;
+    (streamed, streamed && keep_alive)
+}
+
+/// Copies the rest of a backend's response body to the client as it
+/// arrives (with the last chunk if `chunked`); whether all of it went.
+async fn stream_body(
+    stream: &Stream,
+    body: &mut UpstreamBody,
+    chunked: bool,
+    stall: Duration,
+) -> bool {
     loop {
         match body.next().await {
             Ok(Some(data)) => {
@@ -551,7 +567,7 @@ async fn write_response(
                     .await
                     .is_err()
                 {
-                    return (false, false);
+                    return false;
                 }
             }
             Ok(None) => break,
@@ -559,14 +575,11 @@ async fn write_response(
                 // Too late for a status: the client sees the body end early
                 // (no last chunk, or fewer bytes than announced).
                 tracing::warn!("backend response body failed: {error}");
-                return (false, false);
+                return false;
             }
         }
     }
-    if chunked && stream.write_all(&[LAST_CHUNK], Some(stall)).await.is_err() {
-        return (false, false);
-    }
-    (true, keep_alive)
+    !chunked || stream.write_all(&[LAST_CHUNK], Some(stall)).await.is_ok()
 }
 
 fn push_length(out: &mut Vec<u8>, n: u64) {

@@ -210,7 +210,10 @@ pub async fn send(
             sent,
         ) {
             Some(connection) => connection,
-            None => connect(target, limits).await?,
+            // Boxed: a new connection (TCP, maybe a TLS handshake) is the
+            // rare case with pooling; inline, its state would make every
+            // request's future that much larger.
+            None => Box::pin(connect(target, limits)).await?,
         };
         let reused = connection.reused;
         match exchange(connection, address, head, body, deadline, limits, sent).await {
@@ -384,6 +387,17 @@ async fn send_body(
     if body.is_done() {
         return Ok(());
     }
+    // Boxed: most requests have no body; inline, the state of reading and
+    // writing one would be part of every request's future.
+    Box::pin(send_body_pieces(stream, body, chunked, stall)).await
+}
+
+async fn send_body_pieces(
+    stream: &Stream,
+    body: &mut ClientBody<'_>,
+    chunked: bool,
+    stall: Option<Duration>,
+) -> Result<(), UpstreamError> {
     while let Some(data) = body.next().await.map_err(UpstreamError::Client)? {
         http1::write_body(stream, &data, chunked, stall)
             .await

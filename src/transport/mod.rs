@@ -249,7 +249,9 @@ impl Stream {
         }
         match stall {
             None => poll_fn(poll).await,
-            Some(stall) => tokio::time::timeout(stall, poll_fn(poll))
+            // Boxed: the timer is the rare, blocked case; inline, it would
+            // be part of every future that writes.
+            Some(stall) => Box::pin(tokio::time::timeout(stall, poll_fn(poll)))
                 .await
                 .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the peer stopped reading"))?,
         }
