@@ -30,7 +30,7 @@ pub use builtin::builtin_module;
 pub use log::{LogLevel, LogSink, TracingLog, MODULE_LOG_LINES_PER_SECOND};
 pub use native::{LeastConnections, RoundRobin, WeightedRoundRobin};
 pub use view::{BackendInfo, BackendView, Failure, Outcome, RequestView};
-pub use wasm::{LoadError, WasmStrategy, KNOWN_SELECTOR_EXPORTS};
+pub use wasm::{sandbox_clock_is_parked, LoadError, WasmStrategy, KNOWN_SELECTOR_EXPORTS};
 
 /// What a strategy is loaded with besides its module: the sandbox limits,
 /// and for 0.2.0 modules the options and backends `configure` gets and

@@ -12,6 +12,7 @@
 //! fresh one from the pre-linked component (tens of microseconds), which a
 //! 0.2.0 module then gets `configure`d again.
 
+mod clock;
 mod exports;
 mod v0_1;
 mod v0_2;
@@ -34,14 +35,16 @@ use crate::config::SandboxLimits;
 pub const KNOWN_SELECTOR_EXPORTS: [&str; 2] = [v0_1::SELECTOR_EXPORT, v0_2::SELECTOR_EXPORT];
 
 /// How often the sandbox clock ticks; a call's deadline is counted in ticks.
-const EPOCH_TICK: Duration = Duration::from_millis(1);
+const EPOCH_TICK: Duration = clock::TICK;
+
+pub use clock::is_parked as sandbox_clock_is_parked;
 
 /// Most table elements an instance may grow to; strategies need a handful.
 const MAX_TABLE_ELEMENTS: usize = 100_000;
 
-/// The process-wide engine: fuel and epoch interruption on, and a ticker
-/// thread that advances the epoch every [`EPOCH_TICK`] for as long as the
-/// engine lives.
+/// The process-wide engine: fuel and epoch interruption on, and the
+/// sandbox clock (see `clock`), a thread that advances the epoch every
+/// [`EPOCH_TICK`] while strategy code runs, for as long as the engine lives.
 pub(crate) fn engine() -> &'static Engine {
     static ENGINE: OnceLock<Engine> = OnceLock::new();
     ENGINE.get_or_init(|| {
@@ -49,17 +52,7 @@ pub(crate) fn engine() -> &'static Engine {
         config.consume_fuel(true);
         config.epoch_interruption(true);
         let engine = Engine::new(&config).expect("the sandbox engine config is valid");
-        let weak = engine.weak();
-        std::thread::Builder::new()
-            .name("wasm-epoch".into())
-            .spawn(move || {
-                while let Some(engine) = weak.upgrade() {
-                    engine.increment_epoch();
-                    drop(engine);
-                    std::thread::sleep(EPOCH_TICK);
-                }
-            })
-            .expect("spawning the sandbox clock thread");
+        clock::start(&engine);
         engine
     })
 }
@@ -366,6 +359,9 @@ impl WasmStrategy {
         call: impl FnOnce(&mut Store<Guest>, &mut Calls) -> Result<R, StrategyError>,
     ) -> Result<Option<R>, StrategyError> {
         let mut slot = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        // The sandbox clock ticks while guest code (instantiation included)
+        // may run.
+        let _running = clock::Running::start();
         let live = match &mut *slot {
             Some(live) => live,
             None if build => slot.insert(self.instantiate()?),
