@@ -10,43 +10,24 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use rust_load_balancer::balancer::set_worker;
 use rust_load_balancer::metrics::Metrics;
+
+mod support;
 
 fn bench_record(c: &mut Criterion) {
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let metrics = Metrics::new();
+    // Every worker sends to the same three backends.
+    let backends = ["127.0.0.1:8081", "127.0.0.1:8082", "127.0.0.1:8083"];
     c.bench_function(&format!("record/{threads}-threads"), |b| {
         b.iter_custom(|iters| {
-            let start = std::sync::Barrier::new(threads);
-            std::thread::scope(|s| {
-                let handles: Vec<_> = (0..threads)
-                    .map(|worker| {
-                        let (metrics, start) = (&metrics, &start);
-                        s.spawn(move || {
-                            set_worker(worker);
-                            // Every worker sends to the same three backends.
-                            let backends = ["127.0.0.1:8081", "127.0.0.1:8082", "127.0.0.1:8083"];
-                            start.wait();
-                            let began = std::time::Instant::now();
-                            for i in 0..iters {
-                                let backend = backends[(i % 3) as usize];
-                                metrics.record_select(black_box(Duration::from_nanos(900)));
-                                metrics.record_request(
-                                    black_box(backend),
-                                    200,
-                                    black_box(Duration::from_micros(600)),
-                                );
-                            }
-                            began.elapsed()
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().unwrap())
-                    .max()
-                    .unwrap()
+            support::on_every_core(threads, iters, |_, i| {
+                metrics.record_select(black_box(Duration::from_nanos(900)));
+                metrics.record_request(
+                    black_box(backends[(i % 3) as usize]),
+                    200,
+                    black_box(Duration::from_micros(600)),
+                );
             })
         })
     });

@@ -12,9 +12,11 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+
+mod support;
 use rust_load_balancer::balancer::{
-    set_worker, BackendInfo, BackendView, Balancer, LeastConnections, Outcome, RequestView,
-    RoundRobin, Strategy, StrategySetup, WasmStrategy, WeightedRoundRobin,
+    BackendInfo, BackendView, Balancer, LeastConnections, Outcome, RequestView, RoundRobin,
+    Strategy, StrategySetup, WasmStrategy, WeightedRoundRobin,
 };
 use rust_load_balancer::config::SandboxLimits;
 
@@ -169,28 +171,8 @@ fn bench_scope(c: &mut Criterion) {
         let balancer = Arc::new(Balancer::per_worker(instances));
         group.bench_function(scope, |b| {
             b.iter_custom(|iters| {
-                let start = std::sync::Barrier::new(threads);
-                std::thread::scope(|s| {
-                    let handles: Vec<_> = (0..threads)
-                        .map(|worker| {
-                            let (balancer, list, start) = (&balancer, &list, &start);
-                            s.spawn(move || {
-                                set_worker(worker);
-                                let request = RequestView::plain(1, 0);
-                                start.wait();
-                                let began = std::time::Instant::now();
-                                for _ in 0..iters {
-                                    black_box(balancer.select(&request, black_box(list)));
-                                }
-                                began.elapsed()
-                            })
-                        })
-                        .collect();
-                    handles
-                        .into_iter()
-                        .map(|h| h.join().unwrap())
-                        .max()
-                        .unwrap()
+                support::on_every_core(threads, iters, |_, _| {
+                    black_box(balancer.select(&RequestView::plain(1, 0), black_box(&list)));
                 })
             })
         });

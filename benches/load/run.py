@@ -60,7 +60,10 @@ LB_STRATEGIES = {
     "lb-ch": "consistent-hash",
     "lb-pe": "peak-ewma",
     "lb-native-rr": "native:round-robin",
+    "lb-rr-baseline": "round-robin",
 }
+# The target that runs --baseline's binary instead of the build under test.
+BASELINE = "lb-rr-baseline"
 # Extra config keys per strategy. Consistent hashing on the client's address:
 # every request carries a key (all of wrk's come from 127.0.0.1, so they
 # share one backend, which costs the backends the same: they are one NGINX
@@ -133,6 +136,10 @@ def parse_args(argv):
                    "(default $RESULTS_DIR, else target/load-results/<UTC time>)")
     p.add_argument("--no-build", action="store_true",
                    help="run.sh: skip cargo build and use the release binary already built")
+    p.add_argument("--baseline", metavar="BINARY",
+                   help="plain mode: also drive another build of this balancer (round robin), "
+                        "as target lb-rr-baseline right after lb-rr in every round, so that a "
+                        "change's before and after are measured in the same interleaved rounds")
     p.add_argument("--binary", help=argparse.SUPPRESS)
     p.add_argument("--parse-only", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -178,6 +185,14 @@ def parse_args(argv):
         a.targets = [t for t in known if t in wanted]
     else:
         a.targets = list(default)
+    if a.baseline:
+        if a.tls:
+            p.error("--baseline is for the plain mode only")
+        if not os.access(a.baseline, os.X_OK):
+            p.error(f"--baseline: {a.baseline} is not an executable file")
+        a.baseline = os.path.abspath(a.baseline)
+        after = a.targets.index("lb-rr") + 1 if "lb-rr" in a.targets else len(a.targets)
+        a.targets.insert(after, BASELINE)
     if not a.parse_only and not a.binary:
         p.error("run it through benches/load/run.sh (it builds the binary and passes --binary)")
     return a
@@ -576,6 +591,9 @@ def table(args, results, started_at, binary, notes, lb_threads_note):
         f"- command: `{args.command}`",
         "",
     ]
+    if args.baseline:
+        lines[-1:-1] = [f"- lb-rr-baseline: round robin on another build, `{args.baseline}` "
+                        f"({first_line([args.baseline, '--version'])})"]
     header = ("| target | conns | req/s | p50 ms | p99 ms | errors | vs nginx-rr | vs direct "
               "| CPU µs/req | user µs | sys µs | CPU vs nginx-rr |")
     rule = "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
@@ -1222,7 +1240,8 @@ def run(args, procs, workdir, results_dir, started_at):
         elif t in LB_STRATEGIES:
             logs[t] = [os.path.join(workdir, f"{t}.log")]
             env = dict(os.environ, RUST_LOG="warn")
-            proc = procs.start(t, [args.binary, "--config", lb_configs[t]], logs[t][0], cwd=workdir, env=env)
+            binary = args.baseline if t == BASELINE else args.binary
+            proc = procs.start(t, [binary, "--config", lb_configs[t]], logs[t][0], cwd=workdir, env=env)
         else:  # direct
             continue
         running[t] = (proc, logs[t])

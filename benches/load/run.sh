@@ -31,6 +31,8 @@
 #   benches/load/run.sh                        # 10 s x 3 rounds, about 10 minutes
 #   benches/load/run.sh --duration 2 --rounds 1          # about 1 minute
 #   benches/load/run.sh --only lb-rr,nginx-rr --connections "64 256"
+#   benches/load/run.sh --only lb-rr,nginx-rr --baseline /tmp/lb-before/rust_load_balancer
+#                       # a change's before (lb-rr-baseline) and after in the same rounds
 #   benches/load/run.sh --backends 16 --only lb-rr,lb-native-rr --cpu-profile
 #                                              # the strategy call's share of the CPU
 #   benches/load/run.sh --help                 # every option
