@@ -60,7 +60,7 @@ impl Client {
     pub(super) fn new(ip: IpAddr, tls: bool) -> Client {
         Client {
             ip,
-            text: ip.to_string().into(),
+            text: ip_text(ip),
             tls,
         }
     }
@@ -73,6 +73,32 @@ impl Client {
     /// Its address as text.
     pub(super) fn text(&self) -> &str {
         &self.text
+    }
+}
+
+/// An address as text, as `Display` writes it. IPv4 is written directly:
+/// through the formatting machinery it cost about 1,300 instructions, a
+/// twentieth of a request on a new connection.
+fn ip_text(ip: IpAddr) -> Box<str> {
+    match ip {
+        IpAddr::V4(v4) => {
+            // At most "255.255.255.255"; one allocation, of the exact size.
+            let mut text = [0u8; 15];
+            let mut len = 0;
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    text[len] = b'.';
+                    len += 1;
+                }
+                let mut digits = itoa::Buffer::new();
+                let digits = digits.format(octet).as_bytes();
+                text[len..len + digits.len()].copy_from_slice(digits);
+                len += digits.len();
+            }
+            // Digits and dots: always UTF-8.
+            Box::from(std::str::from_utf8(&text[..len]).unwrap_or_default())
+        }
+        IpAddr::V6(_) => ip.to_string().into(),
     }
 }
 
@@ -135,6 +161,9 @@ pub(super) fn serve<H: Send>(
             deadline.set_limits(&limits);
             deadline.set(answered + limits.keepalive_timeout);
         }
+        // For the worker's next connection (a client that closes after one
+        // request would otherwise cost an allocation of it each time).
+        give_back(std::mem::take(&mut buf));
         stream.close().await;
         drop(held);
     }
@@ -275,6 +304,28 @@ async fn read_head(
                 }
                 return Err(HeadFailure::Closed);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_written_as_display_writes_them() {
+        for text in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.20.30.40",
+            "255.255.255.255",
+            "192.168.0.100",
+            "::1",
+            "2001:db8::8a2e:370:7334",
+            "::ffff:1.2.3.4",
+        ] {
+            let ip: IpAddr = text.parse().unwrap();
+            assert_eq!(&*ip_text(ip), ip.to_string(), "{text}");
         }
     }
 }
