@@ -136,6 +136,9 @@ def parse_args(argv):
                    "(default $RESULTS_DIR, else target/load-results/<UTC time>)")
     p.add_argument("--no-build", action="store_true",
                    help="run.sh: skip cargo build and use the release binary already built")
+    p.add_argument("--new-connections", action="store_true",
+                   help="plain mode: wrk sends `Connection: close`, so every request is a new "
+                        "connection (the CPU columns are then per connection)")
     p.add_argument("--baseline", metavar="BINARY",
                    help="plain mode: also drive another build of this balancer (round robin), "
                         "as target lb-rr-baseline right after lb-rr in every round, so that a "
@@ -185,6 +188,8 @@ def parse_args(argv):
         a.targets = [t for t in known if t in wanted]
     else:
         a.targets = list(default)
+    if a.new_connections and a.tls:
+        p.error("--new-connections is for the plain mode (--tls has its own new-connection test)")
     if a.baseline:
         if a.tls:
             p.error("--baseline is for the plain mode only")
@@ -591,6 +596,9 @@ def table(args, results, started_at, binary, notes, lb_threads_note):
         f"- command: `{args.command}`",
         "",
     ]
+    if args.new_connections:
+        lines[-1:-1] = ["- new connections: wrk sends `Connection: close`, so every request "
+                        "is a new client connection (the backends stay kept alive)"]
     if args.baseline:
         lines[-1:-1] = [f"- lb-rr-baseline: round robin on another build, `{args.baseline}` "
                         f"({first_line([args.baseline, '--version'])})"]
@@ -1274,14 +1282,15 @@ def run(args, procs, workdir, results_dir, started_at):
                     results[(t, conns)].append(None)
                     continue
                 base = os.path.join(results_dir, "wrk", f"r{rnd}-{t}-c{conns}")
-                run_wrk(target_ports[t], conns, WARMUP_SECONDS, base + ".warmup.txt")
+                headers = ["Connection: close"] if args.new_connections else []
+                run_wrk(target_ports[t], conns, WARMUP_SECONDS, base + ".warmup.txt", headers=headers)
                 perf = None
                 if args.cpu_profile and t in LB_STRATEGIES:
                     # The measured run but its first and last half second.
                     data = os.path.join(workdir, "perf.data")
                     perf = start_profile(0.5, max(0.5, args.duration - 1), data)
                 r = with_cpu(proc.pid, lambda: run_wrk(target_ports[t], conns, args.duration,
-                                                       base + ".txt"))
+                                                       base + ".txt", headers=headers))
                 if perf:
                     try:
                         perf.wait(timeout=60)

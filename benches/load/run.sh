@@ -33,6 +33,8 @@
 #   benches/load/run.sh --only lb-rr,nginx-rr --connections "64 256"
 #   benches/load/run.sh --only lb-rr,nginx-rr --baseline /tmp/lb-before/rust_load_balancer
 #                       # a change's before (lb-rr-baseline) and after in the same rounds
+#   benches/load/run.sh --only lb-rr,nginx-rr --new-connections --connections 64
+#                       # Connection: close, a new client connection per request
 #   benches/load/run.sh --backends 16 --only lb-rr,lb-native-rr --cpu-profile
 #                                              # the strategy call's share of the CPU
 #   benches/load/run.sh --help                 # every option
