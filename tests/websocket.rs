@@ -574,33 +574,9 @@ impl Raw {
     /// that came behind the head.
     async fn upgrade(mut self, head: &str) -> (u16, Vec<(String, String)>, Ws<TcpStream>) {
         self.stream.write_all(head.as_bytes()).await.unwrap();
-        let (status, headers) = tokio::time::timeout(Duration::from_secs(10), async {
-            loop {
-                if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                    let mut slots = [httparse::EMPTY_HEADER; 64];
-                    let mut response = httparse::Response::new(&mut slots);
-                    response
-                        .parse(&self.buf[..end + 4])
-                        .expect("a response head");
-                    let status = response.code.unwrap();
-                    let headers: Vec<(String, String)> = response
-                        .headers
-                        .iter()
-                        .map(|h| {
-                            (
-                                h.name.to_ascii_lowercase(),
-                                String::from_utf8_lossy(h.value).into_owned(),
-                            )
-                        })
-                        .collect();
-                    self.buf.drain(..end + 4);
-                    return (status, headers);
-                }
-                self.fill().await;
-            }
-        })
-        .await
-        .expect("an answer within 10 s");
+        let (status, headers) = tokio::time::timeout(Duration::from_secs(10), self.read_head())
+            .await
+            .expect("an answer within 10 s");
         let ws = Ws {
             ws: WebSocketStream::from_partially_read(self.stream, self.buf, Role::Client, None)
                 .await,
@@ -609,10 +585,27 @@ impl Raw {
     }
 
     async fn response(&mut self) -> (u16, Vec<(String, String)>, String) {
+        let (status, headers) = self.read_head().await;
+        let length: usize = headers
+            .iter()
+            .find(|(k, _)| k == "content-length")
+            .map(|(_, v)| v.trim().parse().unwrap())
+            .expect("a Content-Length answer");
+        while self.buf.len() < length {
+            self.fill().await;
+        }
+        let body = String::from_utf8_lossy(&self.buf[..length]).into_owned();
+        self.buf.drain(..length);
+        (status, headers, body)
+    }
+
+    /// Reads a response head (status, lower-cased field names) and takes it
+    /// out of the buffer; what follows it stays.
+    async fn read_head(&mut self) -> (u16, Vec<(String, String)>) {
         loop {
             if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                let mut headers = [httparse::EMPTY_HEADER; 64];
-                let mut response = httparse::Response::new(&mut headers);
+                let mut slots = [httparse::EMPTY_HEADER; 64];
+                let mut response = httparse::Response::new(&mut slots);
                 response
                     .parse(&self.buf[..end + 4])
                     .expect("a response head");
@@ -627,18 +620,8 @@ impl Raw {
                         )
                     })
                     .collect();
-                let length: usize = headers
-                    .iter()
-                    .find(|(k, _)| k == "content-length")
-                    .map(|(_, v)| v.trim().parse().unwrap())
-                    .expect("a Content-Length answer");
-                while self.buf.len() < end + 4 + length {
-                    self.fill().await;
-                }
-                let body =
-                    String::from_utf8_lossy(&self.buf[end + 4..end + 4 + length]).into_owned();
-                self.buf.drain(..end + 4 + length);
-                return (status, headers, body);
+                self.buf.drain(..end + 4);
+                return (status, headers);
             }
             self.fill().await;
         }

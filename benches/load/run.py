@@ -860,6 +860,18 @@ def cpu_delta(before, after):
 
 
 
+def takes_worker_threads(ok, out, notes):
+    """From `--check` of a probe config with `worker_threads` (whether it
+    passed, and its output): whether the build takes the key, and the
+    setup line's note if not (also added to `notes` and logged)."""
+    if ok or "worker_threads" not in out:
+        return True, ""
+    notes.append(f"`--check` rejected `worker_threads`, so it was left out of the balancer's configs "
+                 f"(tokio's default: one worker thread per CPU, {os.cpu_count()} here): {out.splitlines()[0]}")
+    log(notes[-1])
+    return False, " (balancer: this build rejects `worker_threads`, so tokio's default of one per CPU)"
+
+
 def with_cpu(pid, run):
     """run() (a wrk run, returning its result or None) with the CPU time of
     the process tree of `pid` over it added to the result: cpu_user_us,
@@ -1001,7 +1013,6 @@ def run_tls(args, procs, workdir, results_dir, started_at):
 
     lb_configs = {}
     if lb_targets:
-        worker_threads = True
         probe = os.path.join(workdir, "probe.json")
         first = lb_targets[0]
         write_json(probe, lb_tls_config(plain_ports[first], target_ports[first], backends,
@@ -1012,12 +1023,7 @@ def run_tls(args, procs, workdir, results_dir, started_at):
             raise BenchError("this balancer build does not take a TLS listener (`--check` of "
                              f"{probe}: {out.splitlines()[0] if out else 'no output'}); "
                              "leave its targets out with --only nginx-rr,haproxy-rr")
-        if not ok and "worker_threads" in out:
-            worker_threads = False
-            lb_threads_note = " (balancer: this build rejects `worker_threads`, so tokio's default of one per CPU)"
-            notes.append(f"`--check` rejected `worker_threads`, so it was left out of the balancer's configs "
-                         f"(tokio's default: one worker thread per CPU, {os.cpu_count()} here): {out.splitlines()[0]}")
-            log(notes[-1])
+        worker_threads, lb_threads_note = takes_worker_threads(ok, out, notes)
         for t in lb_targets:
             path = os.path.join(workdir, f"{t}.json")
             write_json(path, lb_tls_config(plain_ports[t], target_ports[t], backends,
@@ -1202,16 +1208,10 @@ def run(args, procs, workdir, results_dir, started_at):
     target_ports["direct"] = backends[0]
     lb_configs = {}
     if lb_targets:
-        worker_threads = True
         probe = os.path.join(workdir, "probe.json")
         write_json(probe, lb_config(target_ports[lb_targets[0]], backends, "round-robin", True))
         ok, out = lb_check(args.binary, probe)
-        if not ok and "worker_threads" in out:
-            worker_threads = False
-            lb_threads_note = " (balancer: this build rejects `worker_threads`, so tokio's default of one per CPU)"
-            notes.append(f"`--check` rejected `worker_threads`, so it was left out of the balancer's configs "
-                         f"(tokio's default: one worker thread per CPU, {os.cpu_count()} here): {out.splitlines()[0]}")
-            log(notes[-1])
+        worker_threads, lb_threads_note = takes_worker_threads(ok, out, notes)
         for t in lb_targets:
             path = os.path.join(workdir, f"{t}.json")
             write_json(path, lb_config(target_ports[t], backends, LB_STRATEGIES[t], worker_threads))

@@ -99,14 +99,9 @@ impl Stream {
         }
     }
 
-    /// Waits until reading would make progress: bytes (or the end) on the
+    /// Ready when reading would make progress: bytes (or the end) on the
     /// socket, or, for TLS, plaintext the session already decrypted. Lets
-    /// an idle connection wait without a buffer.
-    pub async fn readable(&self) -> io::Result<()> {
-        poll_fn(|cx| self.poll_readable(cx)).await
-    }
-
-    /// [`Stream::readable`] for poll-based callers. It keeps no waiter of
+    /// an idle connection wait without a buffer. It keeps no waiter of
     /// its own (the socket's single reader slot holds the waker), so
     /// polling it costs no registration, and dropping it none either.
     pub fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
