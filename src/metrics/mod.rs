@@ -87,6 +87,7 @@ pub struct Metrics {
     reloads: Family<ResultLabels, Counter>,
     log_dropped: Counter,
     tunnels: Gauge,
+    parked: Gauge,
     ejections: Family<BackendLabels, Counter>,
 }
 
@@ -168,6 +169,12 @@ impl Metrics {
             "Upgraded connections (WebSocket tunnels) open now",
             tunnels.clone(),
         );
+        let parked = Gauge::default();
+        registry.register(
+            "lb_client_connections_parked",
+            "Idle keep-alive client connections parked (watched without a task of their own) now",
+            parked.clone(),
+        );
         let log_dropped = Counter::default();
         registry.register(
             "lb_strategy_log_dropped",
@@ -199,6 +206,7 @@ impl Metrics {
             reloads,
             log_dropped,
             tunnels,
+            parked,
             ejections,
         }
     }
@@ -216,6 +224,11 @@ impl Metrics {
     pub fn open_tunnel(&self) -> TunnelGauge {
         self.tunnels.inc();
         TunnelGauge(self.tunnels.clone())
+    }
+
+    /// The count of parked client connections.
+    pub fn parked_connections(&self) -> Gauge {
+        self.parked.clone()
     }
 
     /// Counts a strategy log line dropped by the rate limit.

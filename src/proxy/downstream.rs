@@ -25,6 +25,7 @@ use super::forward;
 use super::headers::{parse_request, HeadError, RequestHead};
 use super::http1::{read_more_within, write_body, Framing, LAST_CHUNK};
 use super::idle;
+use super::parked::{self, PARK_AFTER};
 use super::tunnel::{self, TunnelEnd};
 use crate::transport::Stream;
 
@@ -40,7 +41,7 @@ pub(super) const DRAIN_IDLE_GRACE: Duration = Duration::from_secs(2);
 /// (up to `max_request_header_kib`) and bodies.
 const HEAD_BUFFER: usize = 4096;
 use super::upstream::{UpstreamBody, UpstreamResponse};
-use super::Shared;
+use super::{Held, Shared};
 use crate::config::ClientLimits;
 use crate::generation::State;
 use crate::metrics::NO_BACKEND;
@@ -105,8 +106,29 @@ fn ip_text(ip: IpAddr) -> Box<str> {
 /// Serves one client connection until it closes, breaks the protocol, times
 /// out, or the balancer shuts down; then closes it (a TLS connection with
 /// a `close_notify`, so that the client can tell the end from a cut), and
-/// drops `held` (the guards that count the connection).
-///
+/// drops `held` (the guards that count the connection). A plain connection
+/// kept alive and idle for a while is parked instead (see
+/// [`super::parked`]), and served on by [`resume`] when it has more to say.
+pub(super) fn serve(
+    stream: Stream,
+    client: Client,
+    shared: Arc<Shared>,
+    held: Held,
+) -> impl Future<Output = ()> + Send {
+    serve_from(stream, client, shared, held, None)
+}
+
+/// Serves a parked connection on, from its idle wait with `deadline`.
+pub(super) fn resume(
+    stream: Stream,
+    client: Client,
+    shared: Arc<Shared>,
+    held: Held,
+    deadline: Instant,
+) -> impl Future<Output = ()> + Send {
+    serve_from(stream, client, shared, held, Some(deadline))
+}
+
 /// What this future holds stays with the connection for its whole life,
 /// idle waits included: the stream, the client's address, one timer (see
 /// [`Deadline`]), an empty buffer handle and the idle wait. A request in
@@ -115,27 +137,34 @@ fn ip_text(ip: IpAddr) -> Box<str> {
 /// (An `async` block rather than an `async fn`: the latter would store its
 /// arguments twice.)
 #[allow(clippy::manual_async_fn)]
-pub(super) fn serve<H: Send>(
+fn serve_from(
     stream: Stream,
     client: Client,
     shared: Arc<Shared>,
-    held: H,
+    held: Held,
+    resumed: Option<Instant>,
 ) -> impl Future<Output = ()> + Send {
     async move {
         let limits = shared.generations.peek().config().clients;
-        // A new connection has the head timeout from its start.
-        let timer = tokio::time::sleep(limits.header_timeout);
+        // A new connection has the head timeout from its start; a resumed
+        // one its keep-alive deadline.
+        let timer = match resumed {
+            Some(deadline) => tokio::time::sleep_until(deadline.into()),
+            None => tokio::time::sleep(limits.header_timeout),
+        };
         tokio::pin!(timer);
         let mut deadline = Deadline::new(timer, &limits);
         let slot = idle::Slot::new();
         let mut buf = BytesMut::new();
-        let mut first = true;
-        loop {
+        let mut first = resumed.is_none();
+        let park = loop {
             if buf.is_empty() {
                 // No buffer while waiting: it is taken when bytes arrive.
                 give_back(std::mem::take(&mut buf));
-                if !wait_for_bytes(&stream, &mut deadline, &slot).await {
-                    break;
+                match wait_for_bytes(&stream, &mut deadline, &slot).await {
+                    Wait::Bytes => {}
+                    Wait::Close => break false,
+                    Wait::Park => break true,
                 }
             }
             // Boxed: the state of a request in flight is allocated for its
@@ -150,7 +179,7 @@ pub(super) fn serve<H: Send>(
             ))
             .await;
             let Some(answered) = served else {
-                break;
+                break false;
             };
             first = false;
             // A kept-alive connection has the keep-alive timeout until its
@@ -160,45 +189,80 @@ pub(super) fn serve<H: Send>(
             let limits = shared.generations.peek().config().clients;
             deadline.set_limits(&limits);
             deadline.set(answered + limits.keepalive_timeout);
-        }
+            // Parking pays for a longer wait only.
+            if !stream.is_tls() && limits.keepalive_timeout >= 2 * PARK_AFTER {
+                slot.parkable_since(answered);
+            }
+        };
         // For the worker's next connection (a client that closes after one
         // request would otherwise cost an allocation of it each time).
         give_back(std::mem::take(&mut buf));
+        if park {
+            // Only plain connections are parkable.
+            if let Stream::Plain(tcp) = stream {
+                let at = deadline.at();
+                drop(slot);
+                parked::park(tcp, client, shared, held, at);
+            }
+            return;
+        }
         stream.close().await;
         drop(held);
     }
 }
 
+/// How an idle wait ends.
+enum Wait {
+    /// The client sent something (or closed, or the socket failed: the
+    /// read tells).
+    Bytes,
+    /// The deadline passed, or the grace a drain leaves an idle
+    /// connection: the connection is to be closed.
+    Close,
+    /// The connection has waited long enough to be parked.
+    Park,
+}
+
 /// Waits, idle and without a buffer, until the client sends something (or
-/// closes). False if the deadline passes first, or the grace a drain
-/// leaves an idle connection: the connection is to be closed.
+/// closes), the deadline passes, or (for a wait that may end in parking,
+/// see [`idle::Slot::parkable_since`]) the worker's sweep marks it for
+/// parking.
 fn wait_for_bytes<'a, 't>(
     stream: &'a Stream,
     deadline: &'a mut Deadline<'t>,
     slot: &'a idle::Slot,
-) -> impl Future<Output = bool> + use<'a, 't> {
+) -> impl Future<Output = Wait> + use<'a, 't> {
     let mut draining = false;
     std::future::poll_fn(move |cx| {
         // Bytes that arrived are served even when the deadline has passed
         // meanwhile. A failed socket is "readable" too: the read reports it.
         if stream.poll_readable(cx).is_ready() {
-            return Poll::Ready(true);
+            slot.busy();
+            return Poll::Ready(Wait::Bytes);
         }
         if !draining {
-            if let Poll::Ready(timeout) = slot.poll_drain(cx) {
-                // The balancer is stopping and this connection is idle (or
-                // new, before its first byte). Closing it at once would
-                // race a client that is sending its next request right now:
-                // that request would be lost with no answer. It gets a
-                // short grace instead; a request that arrives within it is
-                // served and answered with `Connection: close`.
-                draining = true;
-                let grace = Instant::now() + timeout.min(DRAIN_IDLE_GRACE);
-                deadline.set(deadline.at().min(grace));
+            match slot.poll_idle(cx) {
+                Poll::Ready(idle::Wake::Drain(timeout)) => {
+                    // The balancer is stopping and this connection is idle
+                    // (or new, before its first byte). Closing it at once
+                    // would race a client that is sending its next request
+                    // right now: that request would be lost with no answer.
+                    // It gets a short grace instead; a request that arrives
+                    // within it is served and answered with `Connection:
+                    // close`.
+                    draining = true;
+                    let grace = Instant::now() + timeout.min(DRAIN_IDLE_GRACE);
+                    deadline.set(deadline.at().min(grace));
+                }
+                Poll::Ready(idle::Wake::Park) => {
+                    slot.busy();
+                    return Poll::Ready(Wait::Park);
+                }
+                Poll::Pending => {}
             }
         }
         if deadline.poll_expired(cx).is_ready() {
-            return Poll::Ready(false);
+            return Poll::Ready(Wait::Close);
         }
         Poll::Pending
     })

@@ -29,6 +29,7 @@ mod forward;
 mod headers;
 mod http1;
 mod idle;
+mod parked;
 mod tunnel;
 mod upstream;
 mod view;
@@ -39,7 +40,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{oneshot, watch, Notify};
@@ -511,6 +512,10 @@ impl Worker {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tick.tick().await;
+                // Connections idle a while are parked.
+                if let Some(before) = Instant::now().checked_sub(parked::PARK_AFTER) {
+                    idle::mark_long_idle(before);
+                }
                 let state = shared.generations.peek();
                 upstream::sweep(state.config().tuning.upstream_idle_timeout, |address| {
                     state.pool().find(address).is_none_or(|b| b.is_draining())
@@ -717,6 +722,9 @@ impl Drop for OpenConnection {
         }
     }
 }
+
+/// What counts a client connection as open, for as long as it is.
+type Held = (ConnectionSlot, OpenConnection);
 
 /// One of the `max_connections` places; given back when dropped.
 struct ConnectionSlot(Arc<Shared>);
