@@ -516,6 +516,7 @@ impl Worker {
                 if let Some(before) = Instant::now().checked_sub(parked::PARK_AFTER) {
                     idle::mark_long_idle(before);
                 }
+                parked::trim_if_many_parked();
                 let state = shared.generations.peek();
                 upstream::sweep(state.config().tuning.upstream_idle_timeout, |address| {
                     state.pool().find(address).is_none_or(|b| b.is_draining())

@@ -17,13 +17,14 @@
 //! connection is parked, waits for the set's epoll descriptor (registered
 //! with the worker's event loop) and the earliest deadline.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::net::IpAddr;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
@@ -43,6 +44,11 @@ pub(super) const PARK_AFTER: Duration = Duration::from_secs(1);
 
 /// Readiness events taken from the set's epoll descriptor per call.
 const EVENTS: usize = 256;
+
+/// Connections parked on a worker since the last trim after which the
+/// worker's sweep has the allocator give free memory back (about 1.4 MiB
+/// of tasks freed).
+const TRIM_AFTER: usize = 1024;
 
 /// A parked connection. The client's address is kept as a number, its
 /// text made again when the connection is resumed: in the set's own
@@ -72,6 +78,32 @@ struct Parked {
 
 thread_local! {
     static PARKED: RefCell<Option<Parked>> = const { RefCell::new(None) };
+    /// Connections parked on this worker since its last trim.
+    static UNTRIMMED: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Has the allocator give its free memory back to the system if this
+/// worker parked many connections since the last time. The tasks of
+/// parked connections are freed among memory still in use, which glibc
+/// keeps resident until it is trimmed (see the `malloc-trim` crate):
+/// measured with 10,000 connections parked, 1.0 KiB per connection stays
+/// resident without the trim and 0.4 KiB with it. At most once per sweep
+/// (a second) and only after a thousand parked connections; the trim
+/// (0.1-5 ms, measured here) runs on tokio's blocking thread, not on the
+/// worker's event loop, and one at a time in the process, since it covers
+/// every thread's memory.
+pub(super) fn trim_if_many_parked() {
+    static TRIMMING: AtomicBool = AtomicBool::new(false);
+    if UNTRIMMED.get() < TRIM_AFTER || TRIMMING.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    UNTRIMMED.set(0);
+    tokio::task::spawn_blocking(|| {
+        let started = Instant::now();
+        let trimmed = malloc_trim::trim();
+        TRIMMING.store(false, Ordering::Release);
+        tracing::debug!(trimmed, took = ?started.elapsed(), "after parking idle connections, gave free memory back");
+    });
 }
 
 /// Parks `tcp`, a kept-alive connection waiting idle on this worker, until
@@ -146,6 +178,7 @@ pub(super) fn park(
             });
         }
         parked.gauge.inc();
+        UNTRIMMED.set(UNTRIMMED.get() + 1);
         // The watcher's timer is moved only for a deadline earlier than
         // its own (a reload that shortened the keep-alive timeout).
         if let Some((waker, armed)) = &parked.watcher {
