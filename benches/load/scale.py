@@ -20,7 +20,12 @@ Measures, each bounded in time and stopping only what it started:
 
 The second table gives KiB per idle connection: (RSS with the N connections
 open - RSS just before they were opened) / N, in each server's processes
-(the kernel's socket buffers are not in RSS). NGINX allocates its connection
+(the kernel's socket buffers are not in RSS), measured twice: 0.5 s after
+the last connection was opened, and 4 s later. This balancer parks a plain
+keep-alive connection idle for one to two seconds (no task of its own, see
+src/proxy/parked.rs), so the second figure is that of parked connections
+(the balancer's lb_client_connections_parked gauge says how many) and the
+first mostly of waiting ones; NGINX's does not change. NGINX allocates its connection
 slots (worker_connections, here N plus room for the upstream connections,
 per worker) when a worker starts: they are in its idle RSS, not in the
 per-connection figure. TLS clients are Python's ssl module over memory BIOs
@@ -45,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -56,6 +62,11 @@ OK = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n"
 OPEN_CONCURRENCY = 200
 # Time allowed to open and use the N connections (TLS handshakes included).
 OPEN_TIMEOUT = 240.0
+# How long the idle connections are measured after the first measurement
+# (half a second after the last was opened): this balancer parks a
+# kept-alive connection idle for one to two seconds, so the second
+# measurement shows parked connections, the first mostly waiting ones.
+IDLE_SETTLE = 4.0
 # Descriptors this process needs beyond its N client sockets and the
 # backends' listening ones: the backend side of the servers' upstream
 # connections (nginx keeps up to 512 per worker, the balancer 128 per backend
@@ -138,6 +149,20 @@ def start_balancer(binary, config, workdir):
     proc = subprocess.Popen([binary, "--config", path], stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "RUST_LOG": "warn"})
     return proc, started
+
+
+def parked_note(admin_port):
+    """How many client connections the balancer has parked, from its
+    lb_client_connections_parked gauge."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except OSError as error:
+        return f"parked: unknown ({error})"
+    for line in text.splitlines():
+        if line.startswith("lb_client_connections_parked "):
+            return f"{float(line.split()[1]):.0f} of them parked"
+    return "parked: no lb_client_connections_parked in /metrics"
 
 
 def stop(proc):
@@ -321,13 +346,14 @@ async def idle_memory(label, pid, open_conns, close_conns, extra=""):
     try:
         conns, failed = await asyncio.wait_for(open_conns(), OPEN_TIMEOUT)
     except asyncio.TimeoutError:
-        return (label, "–", f"{before:.1f}", "–", "–", "–", f"not all opened within {OPEN_TIMEOUT:.0f} s")
+        return (label, "–", f"{before:.1f}", "–", "–", "–", "–", "–", f"not all opened within {OPEN_TIMEOUT:.0f} s")
     took = time.monotonic() - t
     await asyncio.sleep(0.5)
     with_conns = tree_rss_mib(pid)
+    await asyncio.sleep(IDLE_SETTLE)
+    settled = tree_rss_mib(pid)
     open_fds = tree_fds(pid)
     close_conns(conns)
-    per_conn = (with_conns - before) * 1024 / len(conns) if conns else float("nan")
     note = f"opened and used in {took:.1f} s; {len(failed)} failed"
     if extra:
         note += f"; {extra}"
@@ -335,7 +361,16 @@ async def idle_memory(label, pid, open_conns, close_conns, extra=""):
         note += " (the first were idle over 60 s: an idle timeout may have closed some, see open fds)"
     if failed:
         note += f" (first: {failed[0]!r:.120})"
-    return (label, len(conns), f"{before:.1f}", f"{with_conns:.1f}", f"{per_conn:.1f}", open_fds, note)
+    return (label, len(conns), f"{before:.1f}", *per_connection(before, with_conns, settled, len(conns)),
+            open_fds, note)
+
+
+def per_connection(before, with_conns, settled, count):
+    """The per-connection table's RSS and KiB columns, 0.5 s after the
+    connections were opened and IDLE_SETTLE s later."""
+    def kib(rss):
+        return f"{(rss - before) * 1024 / count:.1f}" if count else "–"
+    return f"{with_conns:.1f}", kib(with_conns), f"{settled:.1f}", kib(settled)
 
 
 async def main():
@@ -377,8 +412,10 @@ async def main():
         try:
             # 1 and 2: three backends, default built-in strategy.
             port = free_port()
+            admin_port = free_port()
             config = {
                 "listen_address": f"127.0.0.1:{port}",
+                "admin_address": f"127.0.0.1:{admin_port}",
                 "backend_servers": [f"127.0.0.1:{p}" for p in ports[:3]],
                 "worker_threads": args.workers,
                 "max_connections": args.connections + 100,
@@ -397,8 +434,12 @@ async def main():
                 open_rss = rss_mib(proc.pid)
                 rows.append((f"{len(conns)} open keep-alive client connections", f"{open_rss:.1f}", fds(proc.pid),
                              f"opened and used in {took:.1f} s; {len(failed)} failed"))
-                idle.append(("rust_load_balancer, plain keep-alive", len(conns), f"{idle_rss:.1f}", f"{open_rss:.1f}",
-                             f"{(open_rss - idle_rss) * 1024 / len(conns):.1f}" if conns else "–",
+                await asyncio.sleep(IDLE_SETTLE)
+                settled_rss = rss_mib(proc.pid)
+                rows.append((f"the same, {IDLE_SETTLE + 0.5:.1f} s after the last was opened", f"{settled_rss:.1f}",
+                             fds(proc.pid), parked_note(admin_port)))
+                idle.append(("rust_load_balancer, plain keep-alive", len(conns), f"{idle_rss:.1f}",
+                             *per_connection(idle_rss, open_rss, settled_rss, len(conns)),
                              fds(proc.pid), f"the rows above; {len(failed)} failed"))
                 for _, writer in conns:
                     writer.close()
@@ -503,9 +544,11 @@ async def main():
     for row in rows:
         print("| " + " | ".join(str(c) for c in row) + " |")
     print("\n### Idle client connections: KiB each\n")
-    print("RSS summed over the server's processes; KiB per connection = (RSS with them open - RSS just before) / connections.\n")
-    print("| server | connections | RSS before MiB | RSS open MiB | KiB per connection | open fds | notes |")
-    print("|---|---:|---:|---:|---:|---:|---|")
+    print("RSS summed over the server's processes; KiB per connection = (RSS with them open - RSS just before) / "
+          f"connections, 0.5 s after the last was opened and {IDLE_SETTLE + 0.5:.1f} s after.\n")
+    print("| server | connections | RSS before MiB | RSS open MiB (0.5 s) | KiB per connection (0.5 s) "
+          f"| RSS open MiB ({IDLE_SETTLE + 0.5:.1f} s) | KiB per connection ({IDLE_SETTLE + 0.5:.1f} s) | open fds | notes |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for row in idle:
         print("| " + " | ".join(str(c) for c in row) + " |")
     if notes:
