@@ -124,12 +124,18 @@ async fn idle_connections_are_parked_and_served_again_busy_ones_are_not() {
     }
     drop(busy);
     // Each parked connection answers its next request on the same
-    // connection, and leaves the set.
+    // connection, and leaves the set; the backend is still told the
+    // client's address.
     for (i, stream) in idle.iter_mut().enumerate() {
         let answer = request(stream).await;
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
         assert!(answer.ends_with('b'), "{answer:?}");
         assert_eq!(parked(&proxy), 19 - i as u64);
+        let headers = backend.state.last_headers.lock().unwrap().clone();
+        assert!(
+            headers.contains(&("x-forwarded-for".to_string(), "127.0.0.1".to_string())),
+            "{headers:?}"
+        );
     }
     // Idle again: parked again.
     wait_parked(&proxy, 20).await;

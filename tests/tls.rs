@@ -960,3 +960,38 @@ async fn plain_http_garbage_and_stalled_handshakes_are_cut_off_at_the_tls_port()
     assert_eq!(client.get("/").await.text(), "guarded");
     assert_eq!(backend.hits(), 1);
 }
+
+#[tokio::test]
+async fn idle_tls_connections_are_not_parked_and_serve_on() {
+    // A plain and a TLS connection, each idle after one request. Once the
+    // plain one is parked (the sweep has passed both), the TLS one still
+    // is not, and answers on the same connection.
+    let backend = TestBackend::start("b").await;
+    let site = Site::start(json!([backend.address()]), json!({})).await;
+    let admin = admin(&site.binary).await;
+    let mut tls = site.client().await;
+    assert_eq!(tls.get("/").await.status, StatusCode::OK);
+    let plain = Http::new(site.binary.addr().expect("the plain listener"));
+    assert_eq!(plain.get("/").await.status, StatusCode::OK);
+    let parked = || async {
+        let text = admin.get("/metrics").await.text();
+        text.lines()
+            .find_map(|line| line.strip_prefix("lb_client_connections_parked "))
+            .map(|value| value.trim().to_string())
+    };
+    let started = std::time::Instant::now();
+    while parked().await.as_deref() != Some("1") {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the plain connection not parked within 10 s: {:?}",
+            parked().await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(parked().await.as_deref(), Some("1"));
+    let answer = tls.get("/").await;
+    assert_eq!(answer.status, StatusCode::OK);
+    // Over the same connection: TlsHttp has no other.
+    assert_eq!(answer.text(), "b");
+}
