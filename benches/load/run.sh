@@ -25,8 +25,10 @@
 # same keep-alive to them (nginx keepalive 512, haproxy http-reuse always, the
 # balancer's own pool); no access logging anywhere; one wrk thread for all.
 # wrk, the backends and the balancer share the machine's cores, equally for
-# every target. The table shows medians over rounds (errors summed) and
-# ratios of req/s to nginx-rr and to direct at the same connection count.
+# every target. Odd rounds drive the targets in one order, even rounds in
+# the reverse (a target's place in a round biases it: run an even number of
+# rounds to compare). The table shows medians over rounds (errors summed)
+# and ratios of req/s to nginx-rr and to direct at the same connection count.
 #
 #   benches/load/run.sh                        # 10 s x 3 rounds, about 10 minutes
 #   benches/load/run.sh --duration 2 --rounds 1          # about 1 minute
