@@ -11,8 +11,18 @@
 //! the request path, written once per park); the order of the two atomic
 //! steps on each side (mark, then look) means that either the call sees the
 //! clock parked and wakes it, or the clock sees the call and does not park.
+//!
+//! Under load calls are short (about a microsecond) and rarely running at
+//! the instant the clock looks. While it finds none running, the clock
+//! sleeps a few ticks at a time ([`coarse step`](set_timeout)) and
+//! advances the epoch by as many, so that the epoch still follows the wall
+//! clock; once it sees a call running it ticks every [`TICK`] again. A
+//! busy balancer so wakes it about 200 times a second instead of 1,000,
+//! and a call's deadline may come up to a step early: the first expiry only
+//! starts the CPU-time check that decides (see the deadline callback in
+//! `wasm/mod.rs`), so a fast call is never stopped for it.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::thread::Thread;
 use std::time::Duration;
@@ -25,6 +35,27 @@ pub const TICK: Duration = Duration::from_millis(1);
 
 /// Ticks without a call before the clock parks (100 ms).
 const PARK_AFTER: u32 = 100;
+
+/// The most ticks the clock sleeps at a time while no call is seen running.
+const MAX_STEP: u32 = 5;
+
+/// The ticks the clock sleeps at a time while no call is seen running:
+/// see [`set_timeout`].
+static COARSE_STEP: AtomicU32 = AtomicU32::new(1);
+
+/// Sets the coarse step for strategies with deadline `timeout`, the one
+/// most recently loaded: a quarter of it, from one tick to [`MAX_STEP`]
+/// (5 ms for the default 20 ms; 1 ms, no coarsening, below 8 ms).
+pub fn set_timeout(timeout: Duration) {
+    COARSE_STEP.store(coarse_step(timeout), Ordering::Relaxed);
+}
+
+fn coarse_step(timeout: Duration) -> u32 {
+    let quarter = timeout.as_nanos() / 4 / TICK.as_nanos();
+    u32::try_from(quarter)
+        .unwrap_or(MAX_STEP)
+        .clamp(1, MAX_STEP)
+}
 
 /// Threads are spread over this many counters (by worker index); threads
 /// sharing one stay correct, only no longer alone on their cache line.
@@ -59,10 +90,21 @@ pub fn start(engine: &Engine) {
 fn run(weak: EngineWeak) {
     let mut last = (0, 0);
     let mut idle = 0;
+    // Ticks slept since the epoch was last advanced.
+    let mut slept = 1;
     while let Some(engine) = weak.upgrade() {
-        engine.increment_epoch();
+        for _ in 0..slept {
+            engine.increment_epoch();
+        }
         drop(engine);
-        std::thread::sleep(TICK);
+        let now = totals();
+        // Fine ticks while a call runs, coarse ones while none is seen.
+        slept = if now.0 != now.1 {
+            1
+        } else {
+            COARSE_STEP.load(Ordering::Relaxed)
+        };
+        std::thread::sleep(TICK * slept);
         let now = totals();
         if now != last || now.0 != now.1 {
             // A call started since the last tick, or one is running.
@@ -70,7 +112,7 @@ fn run(weak: EngineWeak) {
             idle = 0;
             continue;
         }
-        idle += 1;
+        idle += slept;
         if idle < PARK_AFTER {
             continue;
         }
@@ -83,6 +125,8 @@ fn run(weak: EngineWeak) {
         while PARKED.load(Ordering::SeqCst) {
             std::thread::park();
         }
+        // Woken by a call: tick finely from the start.
+        slept = 1;
         idle = 0;
     }
 }
@@ -123,5 +167,20 @@ impl Running {
 impl Drop for Running {
     fn drop(&mut self) {
         self.0.finished.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_coarse_step_is_a_quarter_of_the_deadline_within_one_to_five_ticks() {
+        let ms = Duration::from_millis;
+        assert_eq!(coarse_step(ms(20)), 5);
+        assert_eq!(coarse_step(ms(12)), 3);
+        assert_eq!(coarse_step(ms(7)), 1);
+        assert_eq!(coarse_step(ms(1)), 1);
+        assert_eq!(coarse_step(Duration::from_secs(3600)), 5);
     }
 }

@@ -253,6 +253,7 @@ impl WasmStrategy {
             );
         }
         let pre = linker.instantiate_pre(component).map_err(invalid)?;
+        clock::set_timeout(setup.limits.timeout);
         let strategy = WasmStrategy {
             log: Arc::new(ModuleLog::new(name.clone(), Arc::clone(&setup.log))),
             name,
