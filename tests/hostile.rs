@@ -11,26 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
-use support::{config_for, start_proxy, wait_until, Http, TestBackend};
+use support::{config_for, read_to_close, start_proxy, wait_until, Http, TestBackend};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-/// Reads until the peer closes (or `limit` passes); returns what came.
-async fn read_to_close(stream: &mut TcpStream, limit: Duration) -> (String, bool) {
-    let mut received = Vec::new();
-    let mut buf = [0u8; 4096];
-    let deadline = Instant::now() + limit;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, stream.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => {
-                return (String::from_utf8_lossy(&received).into_owned(), true)
-            }
-            Ok(Ok(n)) => received.extend_from_slice(&buf[..n]),
-            Err(_) => return (String::from_utf8_lossy(&received).into_owned(), false),
-        }
-    }
-}
 
 /// Sends `raw` on a fresh connection and returns the answer and whether the
 /// balancer closed the connection.

@@ -69,24 +69,6 @@ async fn request(stream: &mut TcpStream) -> String {
     }
 }
 
-/// Reads until the balancer closes `stream` or `limit` passes; what came,
-/// and whether it closed.
-async fn read_to_close(stream: &mut TcpStream, limit: Duration) -> (String, bool) {
-    let mut received = Vec::new();
-    let mut buf = [0u8; 4096];
-    let deadline = Instant::now() + limit;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, stream.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => {
-                return (String::from_utf8_lossy(&received).into_owned(), true)
-            }
-            Ok(Ok(n)) => received.extend_from_slice(&buf[..n]),
-            Err(_) => return (String::from_utf8_lossy(&received).into_owned(), false),
-        }
-    }
-}
-
 async fn served(addr: SocketAddr) -> TcpStream {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     let answer = request(&mut stream).await;
