@@ -8,10 +8,18 @@
 #
 #   benches/load/syscalls.sh                          # release build, 3 rounds of 5 s, 64 connections
 #   benches/load/syscalls.sh --binary PATH --baseline OLD --rounds 4
+#   benches/load/syscalls.sh --new-connections        # Connection: close, a connection per request
 #
 # Needs perf (linux-perf), wrk and nginx; prints one line per server and round:
-# requests, CPU µs per request (task-clock) and, per request, context
-# switches, all system calls, and epoll_wait, recvfrom, writev, read, write.
+# requests, CPU µs per request (task-clock), its user and kernel parts (utime
+# and stime from /proc, in 10 ms ticks), the TCP segments the whole machine
+# sent per request (OutSegs of /proc/net/snmp over the run: client, proxy
+# and backends, and anything else the machine sends meanwhile) and, per
+# request, context switches, all
+# system calls, and epoll_wait, recvfrom, writev, read, write, accept4,
+# epoll_ctl. Counting every system call costs time in each of them, so the
+# CPU columns here favour the server that makes fewer; run.sh measures CPU
+# per request without perf.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
@@ -22,6 +30,7 @@ baseline=""
 rounds=3
 duration=5
 connections=64
+wrk_header=()
 die() { echo "syscalls: error: $*" >&2; exit 1; }
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -30,7 +39,8 @@ while [ $# -gt 0 ]; do
         --rounds) rounds="${2:?}"; shift ;;
         --duration) duration="${2:?}"; shift ;;
         --connections) connections="${2:?}"; shift ;;
-        -h | --help) sed -n '2,15p' "$0"; exit 0 ;;
+        --new-connections) wrk_header=(-H "Connection: close") ;;
+        -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
         *) die "unknown option '$1' (see --help)" ;;
     esac
     shift
@@ -110,10 +120,12 @@ for port in "$b1" "$b2" "$b3" "$p_lb" "$p_nginx" ${baseline:+"$p_base"}; do
 done
 workers="$(pgrep -P "$nginx_master" | paste -sd,)"
 [ -n "$workers" ] || die "NGINX started no workers (see $wd/proxy.err)"
-events=task-clock,context-switches,raw_syscalls:sys_enter,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_recvfrom,syscalls:sys_enter_writev,syscalls:sys_enter_read,syscalls:sys_enter_write
+events=task-clock,context-switches,raw_syscalls:sys_enter,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_recvfrom,syscalls:sys_enter_writev,syscalls:sys_enter_read,syscalls:sys_enter_write,syscalls:sys_enter_accept4,syscalls:sys_enter_epoll_ctl
+# utime + stime (clock ticks) of the given PIDs, all their threads.
+cpu_ticks() { local p; for p in ${1//,/ }; do cat "/proc/$p/stat"; done | awk '{ u += $14; s += $15 } END { print u, s }'; }
 
-echo "| round | server | requests | CPU µs/req | context switches | syscalls | epoll_wait | recvfrom | writev | read | write |"
-echo "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+echo "| round | server | requests | CPU µs/req | user µs/req | kernel µs/req | TCP segments | context switches | syscalls | epoll_wait | recvfrom | writev | read | write | accept4 | epoll_ctl |"
+echo "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 for round in $(seq "$rounds"); do
     order=("${targets[@]}")
     if [ $((round % 2)) -eq 0 ]; then
@@ -125,12 +137,17 @@ for round in $(seq "$rounds"); do
             baseline) pid="$base_pid"; port="$p_base" ;;
             nginx) pid="$workers"; port="$p_nginx" ;;
         esac
-        wrk -t1 -c"$connections" -d1s "http://127.0.0.1:$port/" >/dev/null
+        wrk -t1 -c"$connections" "${wrk_header[@]}" -d1s "http://127.0.0.1:$port/" >/dev/null
+        before="$(cpu_ticks "$pid")"
+        cp /proc/net/snmp "$wd/snmp.before"
         perf stat -x, -e "$events" -p "$pid" -- \
-            wrk -t1 -c"$connections" -d"${duration}s" "http://127.0.0.1:$port/" >"$wd/wrk.out" 2>"$wd/perf.out"
-        python3 - "$round" "$t" "$wd/wrk.out" "$wd/perf.out" <<'PY'
+            wrk -t1 -c"$connections" "${wrk_header[@]}" -d"${duration}s" "http://127.0.0.1:$port/" >"$wd/wrk.out" 2>"$wd/perf.out"
+        cp /proc/net/snmp "$wd/snmp.after"
+        after="$(cpu_ticks "$pid")"
+        python3 - "$round" "$t" "$wd/wrk.out" "$wd/perf.out" "$before" "$after" "$(getconf CLK_TCK)" \
+            "$wd/snmp.before" "$wd/snmp.after" <<'PY'
 import re, sys
-rnd, name, wrk, perf = sys.argv[1:]
+rnd, name, wrk, perf, before, after, tck, snmp0, snmp1 = sys.argv[1:]
 m = re.search(r"^\s*(\d+) requests in", open(wrk).read(), re.M)
 if not m:
     sys.exit(f"syscalls: no request count in wrk's output for {name}")
@@ -142,9 +159,16 @@ for line in open(perf):
         counts[f[2]] = float(f[0])
 def per(event):
     return f"{counts.get(event, float('nan')) / n:.3f}"
-cells = [rnd, name, str(n), f"{counts.get('task-clock', float('nan')) * 1000 / n:.2f}", per("context-switches"),
-         per("raw_syscalls:sys_enter")] + [per(f"syscalls:sys_enter_{c}") for c in
-                                           ("epoll_wait", "recvfrom", "writev", "read", "write")]
+(u0, s0), (u1, s1) = (map(int, x.split()) for x in (before, after))
+tick_us = 1e6 / int(tck)
+def out_segs(path):
+    rows = [line.split() for line in open(path) if line.startswith("Tcp:")]
+    return int(rows[1][rows[0].index("OutSegs")])
+segs = out_segs(snmp1) - out_segs(snmp0)
+cells = [rnd, name, str(n), f"{counts.get('task-clock', float('nan')) * 1000 / n:.2f}",
+         f"{(u1 - u0) * tick_us / n:.2f}", f"{(s1 - s0) * tick_us / n:.2f}", f"{segs / n:.2f}",
+         per("context-switches"), per("raw_syscalls:sys_enter")] + [
+    per(f"syscalls:sys_enter_{c}") for c in ("epoll_wait", "recvfrom", "writev", "read", "write", "accept4", "epoll_ctl")]
 print("| " + " | ".join(cells) + " |")
 PY
     done
