@@ -496,3 +496,39 @@ async fn an_idle_backend_connection_is_closed_after_upstream_idle_timeout() {
     assert_eq!(short.carried(), 2);
     assert_eq!(long.carried(), 1);
 }
+
+/// A request already there when its connection is accepted, and one sent a
+/// while after connecting (the first read then finds nothing and has to
+/// wait for the socket's event), are both read and answered.
+#[tokio::test]
+async fn requests_sent_at_once_or_a_while_after_connecting_are_served() {
+    let backend = TestBackend::start("a").await;
+    let proxy = start_proxy(config_for(&[&backend])).await;
+    let addr = proxy.local_addr();
+    let mut clients = Vec::new();
+    for i in 0..20u64 {
+        clients.push(tokio::spawn(async move {
+            let mut tcp = TcpStream::connect(addr).await.unwrap();
+            if i % 2 == 1 {
+                tokio::time::sleep(Duration::from_millis(50 + 10 * i)).await;
+            }
+            tcp.write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            support::read_to_close(&mut tcp, Duration::from_secs(10)).await
+        }));
+    }
+    for (i, client) in clients.into_iter().enumerate() {
+        let (text, closed) = client.await.unwrap();
+        assert!(
+            closed,
+            "client {i}: the connection was not closed after the answer"
+        );
+        assert!(text.starts_with("HTTP/1.1 200 "), "client {i}: {text:?}");
+        assert!(
+            text.ends_with("a"),
+            "client {i}: not the backend's body: {text:?}"
+        );
+    }
+    assert_eq!(backend.hits(), 20);
+}
